@@ -1,0 +1,26 @@
+"""Session-wide fixtures: tiny real checkpoints (and engines) built once and shared."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`tiny_checkpoint("llama-gqa")` -> path of a tiny HF checkpoint, made once per session."""
+    cache: dict[str, Path] = {}
+
+    def make(kind: str = "llama-gqa") -> Path:
+        if kind not in cache:
+            cache[kind] = make_checkpoint(kind, tmp_path_factory.mktemp(f"ckpt-{kind}"))
+        return cache[kind]
+
+    return make
