@@ -1,0 +1,1 @@
+"""Kiln's runtime: sequences, paged KV blocks, scheduler, model runner, sampler, engines."""
