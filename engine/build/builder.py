@@ -1,0 +1,233 @@
+"""`build_engine`: a Hugging Face (or GGUF) checkpoint -> a Kiln engine directory.
+
+The engine directory (DESIGN.md §1)::
+
+    config.json         EngineConfig: architecture, model hyper-parameters, build limits, source hashes
+    rank0.safetensors   weights under Kiln's names (engine/build/transforms.py), in the build dtype
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja,
+    generation_config.json   copied from the checkpoint (those it has)
+    build_report.json   build seconds, bytes per rank, parameter count, dtype
+
+The engine is assembled in a hidden staging directory next to the target and moved into place
+at the end, so a failed or interrupted build never leaves a half-written engine behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.build.checkpoint import HFCheckpoint, sha256_file
+from engine.build.transforms import iter_kiln_tensors, model_config_from_hf, plan
+from engine.build.writer import SafetensorsWriter
+from engine.config import DTYPES, BuildConfig, EngineConfig, ModelConfig, is_engine_dir
+from engine.errors import BuildError, CheckpointError
+
+DEFAULT_MAX_SEQ_LEN_CAP = 4096
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+# Files from which `transformers` can derive a tokenizer.json when a checkpoint lacks one.
+SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json")
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What `build-engine` was asked for. `None` limits are derived from the checkpoint:
+    max_seq_len = min(max_position_embeddings, 4096), max_num_tokens = max(2048, max_seq_len)."""
+
+    dtype: str = "auto"
+    max_batch_size: int = 64
+    max_seq_len: int | None = None
+    max_num_tokens: int | None = None
+    kv_block_size: int = 16
+    tp_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise BuildError(f"--dtype {self.dtype!r} is not one of {['auto', *DTYPES]}")
+        for flag, value in (
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-seq-len", self.max_seq_len),
+            ("--max-num-tokens", self.max_num_tokens),
+            ("--kv-block-size", self.kv_block_size),
+            ("--tp", self.tp_size),
+        ):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise BuildError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def build_engine(
+    checkpoint: str | Path,
+    output_dir: str | Path | None = None,
+    options: BuildOptions = BuildOptions(),
+    progress: bool = True,
+) -> Path:
+    """Build a Kiln engine from a HF checkpoint directory or a `.gguf` file; return its directory.
+
+    Without `output_dir` the engine goes to `engines/<checkpoint name>-<dtype>-tp<N>/` under the
+    current directory. An existing output directory is replaced only if it is a Kiln engine.
+    Raises CheckpointError (bad input) or BuildError (bad options, output in the way).
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint}: no such file or directory")
+    if options.tp_size > 1:
+        raise BuildError("tensor parallel builds are not implemented yet (use --tp 1)")
+    if checkpoint.is_file() and checkpoint.suffix == ".gguf":
+        from engine.build.gguf import gguf_as_hf_checkpoint
+
+        with gguf_as_hf_checkpoint(checkpoint, progress=progress) as hf_dir:
+            source = {"checkpoint": str(checkpoint.resolve()), "format": "gguf",
+                      "files": {checkpoint.name: sha256_file(checkpoint)}, "adapters": []}
+            return _build(hf_dir, checkpoint.stem, output_dir, options, progress, source)
+    if checkpoint.is_file():
+        raise CheckpointError(
+            f"{checkpoint}: expected a Hugging Face checkpoint directory or a .gguf file"
+        )
+    return _build(checkpoint, checkpoint.resolve().name, output_dir, options, progress, None)
+
+
+def _build(
+    checkpoint_dir: Path,
+    name: str,
+    output_dir: str | Path | None,
+    options: BuildOptions,
+    show_progress: bool,
+    source: dict[str, Any] | None,
+) -> Path:
+    start = time.perf_counter()
+    with HFCheckpoint(checkpoint_dir) as ckpt:
+        arch, model = model_config_from_hf(ckpt.config, ckpt.generation_config)
+        dtype = _resolve_dtype(options.dtype, ckpt.config)
+        build = _build_config(options, model, dtype)
+        out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}-tp1"
+        _check_output(out)
+        if source is None:
+            source = {
+                "checkpoint": str(checkpoint_dir.resolve()),
+                "format": "safetensors",
+                "files": {p.name: sha256_file(p) for p in ckpt.files()},
+                "adapters": [],
+            }
+        with _staging_dir(out) as staging:
+            num_parameters, num_bytes = _write_weights(ckpt, arch, model, TORCH_DTYPES[dtype],
+                                                        staging / "rank0.safetensors", show_progress)
+            _copy_tokenizer(checkpoint_dir, staging)
+            EngineConfig(architecture=arch, model=model, build=build, source=source).save(staging)
+            report = {
+                "build_seconds": round(time.perf_counter() - start, 3),
+                "bytes_per_rank": {"rank0.safetensors": num_bytes},
+                "num_parameters": num_parameters,
+                "dtype": dtype,
+                "architecture": arch,
+            }
+            (staging / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
+def _resolve_dtype(requested: str, hf_config: dict[str, Any]) -> str:
+    """`auto` = the checkpoint's `dtype`/`torch_dtype` when Kiln supports it, else float32."""
+    if requested != "auto":
+        return requested
+    stored = hf_config.get("dtype") or hf_config.get("torch_dtype")
+    return stored if stored in DTYPES else "float32"
+
+
+def _build_config(options: BuildOptions, model: ModelConfig, dtype: str) -> BuildConfig:
+    max_pos = model.max_position_embeddings
+    max_seq_len = options.max_seq_len or min(max_pos, DEFAULT_MAX_SEQ_LEN_CAP)
+    if max_seq_len > max_pos:
+        raise BuildError(
+            f"--max-seq-len {max_seq_len} exceeds the model's context of {max_pos} tokens "
+            "(max_position_embeddings, or the sliding window)"
+        )
+    return BuildConfig(
+        dtype=dtype,
+        tp_size=options.tp_size,
+        max_batch_size=options.max_batch_size,
+        max_seq_len=max_seq_len,
+        max_num_tokens=options.max_num_tokens or max(2048, max_seq_len),
+        kv_block_size=options.kv_block_size,
+    )
+
+
+def _check_output(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"{out}: exists and is not a directory; choose another output with -o")
+    if out.is_dir() and any(out.iterdir()) and not is_engine_dir(out):
+        raise BuildError(
+            f"{out}: exists and is not a Kiln engine directory; refusing to overwrite it (choose another -o)"
+        )
+
+
+@contextmanager
+def _staging_dir(out: Path) -> Iterator[Path]:
+    """Yield a fresh hidden directory next to `out`; on success it replaces `out`, else it is removed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_weights(
+    ckpt: HFCheckpoint, arch: str, model: ModelConfig, dtype: torch.dtype, path: Path, show_progress: bool
+) -> tuple[int, int]:
+    """Stream Kiln tensors into `path`; return (parameter count, bytes written)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = len(plan(arch, model))
+    columns = (TextColumn("[bold]converting tensors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, disable=not show_progress, transient=False) as bar, SafetensorsWriter(path) as writer:
+        task = bar.add_task("convert", total=total)
+        for kiln_name, tensor in iter_kiln_tensors(arch, model, ckpt.get, set(ckpt.tensor_names())):
+            writer.add(kiln_name, tensor.to(dtype))
+            bar.advance(task)
+    return writer.num_parameters, writer.num_bytes
+
+
+def _copy_tokenizer(checkpoint_dir: Path, engine_dir: Path) -> None:
+    """Copy the tokenizer files; derive tokenizer.json with transformers when only slow files exist."""
+    for file_name in TOKENIZER_FILES:
+        if (checkpoint_dir / file_name).is_file():
+            shutil.copy2(checkpoint_dir / file_name, engine_dir / file_name)
+    if (engine_dir / "tokenizer.json").is_file():
+        return
+    if not any((checkpoint_dir / f).is_file() for f in SLOW_TOKENIZER_FILES):
+        raise CheckpointError(
+            f"{checkpoint_dir}: no tokenizer (expected tokenizer.json, or one of {list(SLOW_TOKENIZER_FILES)})"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir), use_fast=True)
+    except Exception as exc:  # transformers raises many types for unreadable tokenizer files
+        raise CheckpointError(f"{checkpoint_dir}: cannot convert its tokenizer to tokenizer.json ({exc})") from None
+    tokenizer.save_pretrained(str(engine_dir))
+    if not (engine_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{checkpoint_dir}: its tokenizer has no fast (tokenizer.json) form")
