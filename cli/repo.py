@@ -1,9 +1,33 @@
-"""kiln repo subcommands (filled in by the issue that owns them)."""
+"""`kiln repo`: write a Triton model repository that serves a Kiln engine."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
 
 def register(app: typer.Typer) -> None:
-    del app
+    @app.command("repo")
+    def repo(
+        engine: Path = typer.Argument(..., help="Engine directory (made by build-engine)."),
+        output: Path = typer.Option(..., "-o", "--output", help="Model repository directory to write into."),
+        model_name: str = typer.Option("ensemble", "--model-name", help="Triton model name."),
+        decoupled: bool = typer.Option(
+            True, "--decoupled/--no-decoupled",
+            help="Decoupled model (streaming, gRPC streams, /generate_stream); --no-decoupled allows HTTP infer."),
+        max_queue_delay_us: int = typer.Option(
+            0, "--max-queue-delay-us", help="Dynamic batcher delay before execute() (the engine batches anyway)."),
+        instance_count: int = typer.Option(1, "--instance-count", help="Model instances (each loads the engine)."),
+        force: bool = typer.Option(False, "--force", help="Replace the model if it already exists."),
+    ) -> None:
+        """Write DIR/<model-name>/{config.pbtxt,1/model.py} serving ENGINE with TensorRT-LLM tensor names."""
+        from rich.console import Console
+
+        from serving.triton.repository import RepoOptions, write_model_repository
+
+        options = RepoOptions(model_name=model_name, decoupled=decoupled,
+                              max_queue_delay_us=max_queue_delay_us, instance_count=instance_count)
+        model_dir = write_model_repository(engine, output, options, force=force)
+        Console().print(f"wrote [bold]{model_dir}[/] (engine {engine.resolve()})\n"
+                        f"serve it with: kiln serve {output}", highlight=False)
