@@ -114,11 +114,6 @@ class OpenAIHandler:
         default_max: int | None,
         logprobs: int | None,
     ) -> list[PlannedChoice]:
-        signature = await self.upstream.signature()  # 503 here when Triton is down
-        if logprobs is not None:
-            missing = [n for n in ("output_log_probs", "output_token_ids") if n not in signature.outputs]
-            if missing:
-                raise invalid_request(f"logprobs are not available: the Triton model lacks {missing}", "logprobs")
         base_id = uuid.uuid4().hex
         plan = []
         for p, prompt in enumerate(prompts):
@@ -126,6 +121,12 @@ class OpenAIHandler:
             for s in range(req.n):
                 gen = build_generation(req, prompt, max_tokens, logprobs, sample_index=s)
                 plan.append(PlannedChoice(p * req.n + s, p, gen, f"{base_id}-{p}-{s}"))
+        # Checked after the request itself, so a bad request is a 400 even while Triton is down.
+        signature = await self.upstream.signature()  # 503 when Triton or the model is unavailable
+        if logprobs is not None:
+            missing = [n for n in ("output_log_probs", "output_token_ids") if n not in signature.outputs]
+            if missing:
+                raise invalid_request(f"logprobs are not available: the Triton model lacks {missing}", "logprobs")
         return plan
 
     # -- running -----------------------------------------------------------------------------

@@ -32,7 +32,9 @@ from serving.openai.protocol import GenerationRequest
 REQUIRED_INPUTS = ("text_input", "max_tokens", "stream")
 REQUIRED_OUTPUTS = ("text_output", "finish_reason", "num_input_tokens", "num_output_tokens")
 # Substrings of Triton's own messages that mean "this model cannot serve now", not "bad request".
-_UNAVAILABLE_MARKERS = ("unknown model", "is not found", "not ready", "unavailable", "is not loaded")
+_UNAVAILABLE_MARKERS = (
+    "unknown model", "is not found", "not ready", "unavailable", "is not loaded", "shutting down",
+)
 
 
 @dataclass(frozen=True)
