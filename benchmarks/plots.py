@@ -67,8 +67,8 @@ def plot_report(report: ServeReport, out_dir: str | Path) -> list[Path]:
             else:
                 values = [r.latency * 1000 for r in done]
             if values:
-                xs = np.sort(values)
-                ax.step(xs, np.arange(1, len(xs) + 1) / len(xs), where="post", label=run.label)
+                ordered = np.sort(values)
+                ax.step(ordered, np.arange(1, len(ordered) + 1) / len(ordered), where="post", label=run.label)
         ax.set_xlabel(f"{metric} (ms)")
         ax.set_ylabel("fraction of requests")
         ax.grid(True, alpha=0.3)

@@ -18,14 +18,14 @@ def register(app: typer.Typer) -> None:
     def serve(
         tokenizer: Path = typer.Option(..., help="Engine or checkpoint directory: its tokenizer makes and counts tokens."),
         backend: str = typer.Option("triton-grpc", help="triton-grpc | triton-http | openai | openai-chat."),
-        url: str = typer.Option(None, help="Server address [default: 127.0.0.1:8001 (gRPC), "
-                                "http://127.0.0.1:8000 (HTTP), http://127.0.0.1:9000/v1 (OpenAI)]."),
+        url: str = typer.Option(None, help="Server address (default: 127.0.0.1:8001 for gRPC, "
+                                "http://127.0.0.1:8000 for HTTP, http://127.0.0.1:9000/v1 for OpenAI)."),
         model: str = typer.Option("ensemble", help="Model name on the server."),
         dataset: str = typer.Option("random", help="random | sharegpt | prefix."),
-        dataset_path: Path = typer.Option(None, help="ShareGPT JSON file [default: the bundled sample]."),
+        dataset_path: Path = typer.Option(None, help="ShareGPT JSON file (default: the bundled sample)."),
         input_len: int = typer.Option(128, help="Prompt tokens (random) or suffix tokens (prefix)."),
         output_len: int = typer.Option(128, help="Output tokens (random, prefix; sharegpt with --ignore-eos)."),
-        range_ratio: float = typer.Option(0.0, help="random: lengths uniform in [len*(1-r), len*(1+r)]."),
+        range_ratio: float = typer.Option(0.0, help="random: lengths uniform in len*(1-r)..len*(1+r)."),
         num_prefixes: int = typer.Option(4, help="prefix: number of shared system prompts."),
         prefix_len: int = typer.Option(256, help="prefix: tokens per shared system prompt."),
         num_prompts: int = typer.Option(100, help="Requests per sweep point."),
@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of prompts and arrivals."),
         metrics_url: str = typer.Option(None, help="Server Prometheus endpoint (http://127.0.0.1:8002/metrics) "
                                         "to record its kiln_* figures per run."),
-        api_key: str = typer.Option(None, help="Bearer token for OpenAI backends [env: KILN_API_KEY, OPENAI_API_KEY]."),
+        api_key: str = typer.Option(None, help="Bearer token for OpenAI backends (default: $KILN_API_KEY or $OPENAI_API_KEY)."),
         out: Path = typer.Option(None, help="Write results JSON (config, environment, per-request records)."),
         csv: Path = typer.Option(None, "--csv", help="Write one CSV row per sweep point."),
         plot: Path = typer.Option(None, help="Write PNG plots into this directory."),
@@ -79,6 +79,40 @@ def register(app: typer.Typer) -> None:
                 console.print(f"plot: {path}")
         if report.interrupted:
             raise typer.Exit(130)
+
+    @bench.command("offline")
+    def offline(
+        engine: Path = typer.Argument(..., help="Kiln engine directory (or a Hugging Face checkpoint directory)."),
+        batch: int = typer.Option(32, help="Prompts per batch."),
+        input_len: int = typer.Option(128, help="Prompt tokens (exact)."),
+        output_len: int = typer.Option(128, help="New tokens per prompt (exact, EOS ignored)."),
+        backend: str = typer.Option("kiln,hf,vllm", help="Comma-separated: kiln, hf, vllm (vllm where installed)."),
+        hf_checkpoint: Path = typer.Option(None, help="Hugging Face checkpoint of the same weights "
+                                           "(default: the engine's source.checkpoint)."),
+        dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: the engine's build dtype)."),
+        device: str = typer.Option("cpu", help="cpu or cuda."),
+        num_iters: int = typer.Option(3, help="Timed iterations (medians are reported)."),
+        warmup: int = typer.Option(1, help="Untimed warm-up runs per backend."),
+        threads: int = typer.Option(None, help="torch threads for every backend (default: torch's)."),
+        seed: int = typer.Option(0, help="Seed of the prompts."),
+        bandwidth: bool = typer.Option(True, help="Measure memory bandwidth and report MBU."),
+        out: Path = typer.Option(None, help="Write results JSON."),
+    ) -> None:
+        """In-process tokens/s of Kiln vs Hugging Face generate (and vLLM), with the MBU roofline."""
+        from benchmarks.offline import OfflineBenchConfig, offline_table, run_offline_benchmark
+
+        config = OfflineBenchConfig(
+            engine=str(engine), hf_checkpoint=str(hf_checkpoint) if hf_checkpoint else None, batch=batch,
+            input_len=input_len, output_len=output_len,
+            backends=tuple(b.strip() for b in backend.split(",") if b.strip()), dtype=dtype, device=device,
+            num_iters=num_iters, warmup=warmup, threads=threads, seed=seed, measure_bandwidth=bandwidth,
+        )
+        report = run_offline_benchmark(config, console=Console(stderr=True))
+        console = Console()
+        console.print(offline_table(report))
+        if out:
+            report.save(out)
+            console.print(f"results: {out}")
 
     @bench.command("compare")
     def compare(

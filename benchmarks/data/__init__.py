@@ -1,0 +1,1 @@
+"""Bundled benchmark data (a ShareGPT-format sample written for Kiln)."""
