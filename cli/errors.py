@@ -9,7 +9,7 @@ from rich.console import Console
 
 from engine.errors import KilnError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # one line, never wrapped at 80 columns
 
 
 def run_cli(app: typer.Typer, argv: Sequence[str]) -> None:
