@@ -4,9 +4,13 @@ are always stopped (and their processes gone) when the module that started them 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import numpy as np
 import pytest
 
 from serving.triton.launcher import TritonServer
@@ -86,3 +90,109 @@ def triton_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
     yield start
     for server in servers:
         server.stop()
+
+
+@dataclass
+class Generation:
+    """What a streaming client received for one request."""
+
+    chunks: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_input_tokens: int | None = None
+    num_output_tokens: int | None = None
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+
+def _bytes_input(grpcclient: Any, name: str, values: list[bytes]) -> Any:
+    tensor = grpcclient.InferInput(name, [1, len(values)], "BYTES")
+    tensor.set_data_from_numpy(np.array([values], dtype=np.object_))
+    return tensor
+
+
+def grpc_inputs(prompt: str | bytes, max_tokens: int | None = None, stream: bool = True, **extra: Any) -> list[Any]:
+    """TensorRT-LLM-style request tensors for tritonclient.grpc (or .aio): shapes [1, 1]."""
+    import tritonclient.grpc as grpcclient
+
+    raw = prompt.encode() if isinstance(prompt, str) else prompt
+    inputs = [_bytes_input(grpcclient, "text_input", [raw])]
+    dtypes = {bool: ("BOOL", np.bool_), int: ("INT32", np.int32), float: ("FP32", np.float32)}
+    values: dict[str, Any] = {"stream": stream, **extra}
+    if max_tokens is not None:
+        values["max_tokens"] = max_tokens
+    for name, value in values.items():
+        if isinstance(value, list):
+            inputs.append(_bytes_input(grpcclient, name, [v.encode() for v in value]))
+            continue
+        triton_type, np_type = dtypes[type(value)]
+        if name in ("seed", "random_seed"):
+            triton_type, np_type = "UINT64", np.uint64
+        tensor = grpcclient.InferInput(name, [1, 1], triton_type)
+        tensor.set_data_from_numpy(np.array([[value]], dtype=np_type))
+        inputs.append(tensor)
+    return inputs
+
+
+def _first(result: Any, name: str) -> Any:
+    array = result.as_numpy(name)
+    return None if array is None else array.reshape(-1)[0]
+
+
+async def grpc_stream_generate(url: str, inputs: list[Any], model: str = "ensemble",
+                               cancel_after_chunks: int | None = None) -> Generation:
+    """One gRPC bidirectional stream carrying one request; collects responses until the one
+    with a finish_reason, an error, or (when asked) cancels after that many text chunks."""
+    import tritonclient.grpc.aio as grpcaio
+
+    client = grpcaio.InferenceServerClient(url)
+    gen = Generation()
+
+    async def requests() -> AsyncIterator[dict[str, Any]]:
+        yield {"model_name": model, "inputs": inputs}
+
+    stream = client.stream_infer(requests())
+    try:
+        async for result, error in stream:
+            if error is not None:
+                gen.error = error.message()
+                break
+            text = _first(result, "text_output")
+            gen.chunks.append(text.decode() if text is not None else "")
+            reason = _first(result, "finish_reason")
+            if reason is not None:
+                gen.finish_reason = reason.decode()
+                gen.num_input_tokens = int(_first(result, "num_input_tokens"))
+                gen.num_output_tokens = int(_first(result, "num_output_tokens"))
+                break
+            if cancel_after_chunks is not None and len(gen.chunks) >= cancel_after_chunks:
+                break
+    finally:
+        stream.cancel()
+        await client.close()
+    return gen
+
+
+def scrape(metrics_url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of metric `name` (with those labels) on a Prometheus text page."""
+    import httpx
+
+    total, found = 0.0, False
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise AssertionError(f"metric {name}{labels or ''} not found at {metrics_url}")
+    return total
+
+
+@pytest.fixture(scope="session")
+def triton_client() -> SimpleNamespace:
+    """Client helpers for Triton tests: `inputs(...)`, `stream_generate(...)` (async), `scrape(...)`."""
+    return SimpleNamespace(inputs=grpc_inputs, stream_generate=grpc_stream_generate, scrape=scrape,
+                           Generation=Generation)
