@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
             console.print(f"  HTTP     {ep.http_url}   (generate: {ep.http_url}/v2/models/{ep.model_name}/generate)",
                           highlight=False)
             console.print(f"  gRPC     {ep.grpc_url}", highlight=False)
+            note = " (temporary, removed on exit)" if ep.temporary_repository else ""
+            console.print(f"  repo     {ep.repository}{note}", highlight=False)
             console.print(f"  metrics  {ep.metrics_url}", highlight=False)
             if ep.openai_url:
                 console.print(f"  OpenAI   {ep.openai_url}", highlight=False)

@@ -56,6 +56,8 @@ class ServeOptions:
 @dataclass(frozen=True)
 class Endpoints:
     model_name: str
+    repository: Path
+    temporary_repository: bool
     http_url: str
     grpc_url: str
     metrics_url: str
@@ -103,11 +105,13 @@ class KilnServer:
         self.triton: TritonServer | None = None
         self.gateway: Any | None = None
         self._tmp: Path | None = None
+        self.repository: Path | None = None
         self._stop_requested = threading.Event()
 
     def start(self) -> KilnServer:
         opts = self.options
         repository, self._tmp = resolve_repository(self.path, opts)
+        self.repository = repository
         try:
             self.triton = TritonServer(
                 repository, host=opts.host, http_port=opts.http_port, grpc_port=opts.grpc_port,
@@ -130,10 +134,12 @@ class KilnServer:
         return self
 
     def endpoints(self) -> Endpoints:
-        if self.triton is None:
+        if self.triton is None or self.repository is None:
             raise TritonServerError("the server is not started")
         return Endpoints(
             model_name=self.options.model_name,
+            repository=self.repository,
+            temporary_repository=self._tmp is not None,
             http_url=self.triton.http_url,
             grpc_url=self.triton.grpc_url,
             metrics_url=self.triton.metrics_url,
