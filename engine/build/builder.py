@@ -87,6 +87,7 @@ def build_engine(
     current directory. An existing output directory is replaced only if it is a Kiln engine.
     Raises CheckpointError (bad input) or BuildError (bad options, output in the way).
     """
+    start = time.perf_counter()
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"{checkpoint}: no such file or directory")
@@ -98,12 +99,12 @@ def build_engine(
         with gguf_as_hf_checkpoint(checkpoint, progress=progress) as hf_dir:
             source = {"checkpoint": str(checkpoint.resolve()), "format": "gguf",
                       "files": {checkpoint.name: sha256_file(checkpoint)}, "adapters": []}
-            return _build(hf_dir, checkpoint.stem, output_dir, options, progress, source)
+            return _build(hf_dir, checkpoint.stem, output_dir, options, progress, source, start)
     if checkpoint.is_file():
         raise CheckpointError(
             f"{checkpoint}: expected a Hugging Face checkpoint directory or a .gguf file"
         )
-    return _build(checkpoint, checkpoint.resolve().name, output_dir, options, progress, None)
+    return _build(checkpoint, checkpoint.resolve().name, output_dir, options, progress, None, start)
 
 
 def _build(
@@ -113,8 +114,10 @@ def _build(
     options: BuildOptions,
     show_progress: bool,
     source: dict[str, Any] | None,
+    start: float,
 ) -> Path:
-    start = time.perf_counter()
+    """Build from a HF checkpoint dir; `source` overrides its provenance (a GGUF file), `start` is
+    when the whole build began (perf_counter), for build_report.json."""
     with HFCheckpoint(checkpoint_dir) as ckpt:
         arch, model = model_config_from_hf(ckpt.config, ckpt.generation_config)
         dtype = _resolve_dtype(options.dtype, ckpt.config)
