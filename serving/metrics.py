@@ -18,12 +18,14 @@ counters
     kiln_prompt_tokens_total / kiln_generation_tokens_total / kiln_num_preemptions_total
     kiln_requests_finished_total{finish_reason}   stop | length | abort | error
 
-Every update is a call into the Triton server process, so the model updates gauges at a
-bounded rate and counters by the difference between engine snapshots.
+Every update is a call into the Triton server process (~50 us), so nothing here is called
+on the streaming path: the responder only records observations in memory (`record_*`), and
+the model's watcher thread publishes them (`flush`) with the engine gauges a few times a second.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from engine.runtime.stats import EngineStats
@@ -88,8 +90,39 @@ class KilnMetrics:
             reason: finished.Metric(labels={**labels, "finish_reason": reason}) for reason in FINISH_REASONS
         }
         self._last: EngineStats | None = None
+        self._pending_lock = threading.Lock()
+        self._pending_inter_token: list[float] = []
+        self._pending_finished: list[tuple[str, float | None, float | None, float | None]] = []
 
-    def update_engine(self, stats: EngineStats) -> None:
+    def record_inter_token(self, seconds: float) -> None:
+        """Remember one inter-token gap (cheap; published by `flush`)."""
+        with self._pending_lock:
+            self._pending_inter_token.append(seconds)
+
+    def record_finished(
+        self, finish_reason: str, queue_time: float | None, ttft: float | None, e2e: float | None
+    ) -> None:
+        """Remember one finished request (latencies in seconds; None when it never got there)."""
+        with self._pending_lock:
+            self._pending_finished.append((finish_reason, queue_time, ttft, e2e))
+
+    def flush(self, stats: EngineStats | None = None) -> None:
+        """Publish recorded observations and, when given, an engine snapshot."""
+        with self._pending_lock:
+            gaps, self._pending_inter_token = self._pending_inter_token, []
+            finished, self._pending_finished = self._pending_finished, []
+        for gap in gaps:
+            self.inter_token_latency.observe(gap)
+        for reason, queue_time, ttft, e2e in finished:
+            self.finished.get(reason, self.finished["error"]).increment(1)
+            for histogram, value in ((self.queue_time, queue_time), (self.time_to_first_token, ttft),
+                                     (self.e2e_latency, e2e)):
+                if value is not None and value >= 0:
+                    histogram.observe(value)
+        if stats is not None:
+            self._update_engine(stats)
+
+    def _update_engine(self, stats: EngineStats) -> None:
         """Set gauges from an engine snapshot and advance counters by what changed since the last one."""
         self.num_running.set(stats.num_running)
         self.num_waiting.set(stats.num_waiting)
@@ -108,22 +141,8 @@ class KilnMetrics:
                 metric.increment(now - before)
         self._last = stats
 
-    def observe_finished(
-        self, finish_reason: str, queue_time: float | None, ttft: float | None, e2e: float | None
-    ) -> None:
-        """Record one finished request (latencies in seconds; None when it never got there)."""
-        self.finished.get(finish_reason, self.finished["error"]).increment(1)
-        for histogram, value in ((self.queue_time, queue_time), (self.time_to_first_token, ttft),
-                                 (self.e2e_latency, e2e)):
-            if value is not None and value >= 0:
-                histogram.observe(value)
-
-    def observe_inter_token(self, seconds: float) -> None:
-        self.inter_token_latency.observe(seconds)
-
     def close(self) -> None:
         """Drop metrics before their families (Triton's required order)."""
-        for name in list(vars(self)):
-            if name not in ("_families", "_last"):
-                delattr(self, name)
+        for name in [n for n in vars(self) if not n.startswith("_")]:
+            delattr(self, name)
         self._families.clear()

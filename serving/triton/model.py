@@ -11,13 +11,15 @@ Threads of one model instance (one stub process):
   sender (decoupled) or hands the final response to `execute()` (not decoupled). It is the
   only thread that sends, so every request gets exactly one final response.
 - the watcher thread wakes every `WATCH_INTERVAL_S` to abort requests whose client went away
-  (`is_cancelled()`), refresh the engine gauges, and, when the stub receives SIGTERM/SIGINT
+  (`is_cancelled()`), publish metrics (each update is a call into the server, kept off the
+  streaming path), and, when the stub receives SIGTERM/SIGINT
   (the launcher signals the server's whole process group), abort everything in flight with a
   "shutting down" error so that Triton can unload at once instead of draining.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -153,38 +155,56 @@ class KilnTritonModel:
     # -- responder: the only thread that answers ------------------------------------------
     def _respond_loop(self) -> None:
         while True:
-            item = self._outbox.get()
-            batch = [item]
+            batch = [self._outbox.get()]
             while True:
                 try:
                     batch.append(self._outbox.get_nowait())
                 except queue.Empty:
                     break
+            # Outputs of one request that queued up while we were sending go out as one
+            # response: under load, fewer and larger responses instead of falling behind.
+            per_request: dict[str, list[tuple[float, RequestOutput]]] = {}
+            closes: list[_Close] = []
+            stop = False
             for entry in batch:
                 if entry is _STOP:
-                    return
-                try:
-                    if isinstance(entry, _Close):
-                        self._close(entry)
-                    else:
-                        self._handle_output(*entry)
-                except Exception:  # one bad response must not stop the responder
-                    logger.exception("kiln: failed to answer a request")
+                    stop = True
+                elif isinstance(entry, _Close):
+                    closes.append(entry)
+                else:
+                    per_request.setdefault(entry[1].request_id, []).append(entry)
+            for request_id, outputs in per_request.items():
+                self._guarded(self._handle_outputs, request_id, outputs)
+            for close in closes:
+                self._guarded(self._close, close)
+            if stop:
+                return
 
-    def _handle_output(self, arrived: float, output: RequestOutput) -> None:
+    def _guarded(self, handler: Any, *args: Any) -> None:
+        try:
+            handler(*args)
+        except Exception:  # one bad response must not stop the responder
+            logger.exception("kiln: failed to answer a request")
+
+    def _handle_outputs(self, request_id: str, outputs: list[tuple[float, RequestOutput]]) -> None:
         with self._lock:
-            stream = self._streams.get(output.request_id)
+            stream = self._streams.get(request_id)
         if stream is None or stream.closed:
             return
-        if output.delta_token_ids:
-            stream.token_ids.extend(output.delta_token_ids)
-            if stream.last_token_time is not None:
-                self.metrics.observe_inter_token(arrived - stream.last_token_time)
-            stream.last_token_time = arrived
-        if output.finished:
-            self._finish(stream, output)
-        elif stream.request.stream and output.delta_text and stream.sender is not None:
-            stream.sender.send(build_response(self.pb_utils, stream, output))
+        for arrived, output in outputs:
+            if output.delta_token_ids:
+                stream.token_ids.extend(output.delta_token_ids)
+                if stream.last_token_time is not None:
+                    self.metrics.record_inter_token(arrived - stream.last_token_time)
+                stream.last_token_time = arrived
+        last = outputs[-1][1]
+        delta_text = "".join(output.delta_text for _, output in outputs)
+        if len(outputs) > 1:
+            last = dataclasses.replace(last, delta_text=delta_text)
+        if last.finished:
+            self._finish(stream, last)
+        elif stream.request.stream and delta_text and stream.sender is not None:
+            stream.sender.send(build_response(self.pb_utils, stream, last))
 
     def _finish(self, stream: Stream, output: RequestOutput) -> None:
         reason = output.finish_reason or "stop"
@@ -194,15 +214,12 @@ class KilnTritonModel:
             response = build_response(self.pb_utils, stream, output)
         self._deliver(stream, response)
         m = output.metrics
-        if m is not None:
-            self.metrics.observe_finished(
-                reason,
-                queue_time=None if m.first_scheduled_time is None else m.first_scheduled_time - m.arrival_time,
-                ttft=None if m.first_token_time is None else m.first_token_time - m.arrival_time,
-                e2e=None if m.last_token_time is None else m.last_token_time - m.arrival_time,
-            )
-        else:
-            self.metrics.observe_finished(reason, None, None, None)
+        self.metrics.record_finished(
+            reason,
+            queue_time=None if m is None or m.first_scheduled_time is None else m.first_scheduled_time - m.arrival_time,
+            ttft=None if m is None or m.first_token_time is None else m.first_token_time - m.arrival_time,
+            e2e=None if m is None or m.last_token_time is None else m.last_token_time - m.arrival_time,
+        )
 
     def _close(self, close: _Close) -> None:
         with self._lock:
@@ -210,7 +227,7 @@ class KilnTritonModel:
         if stream is None or stream.closed:
             return
         self._deliver(stream, error_response(self.pb_utils, close.message, close.code))
-        self.metrics.observe_finished(close.finish_reason, None, None, None)
+        self.metrics.record_finished(close.finish_reason, None, None, None)
 
     def _deliver(self, stream: Stream, response: Any) -> None:
         """Send the final response (decoupled) or hand it to execute(); forget the stream."""
@@ -258,7 +275,7 @@ class KilnTritonModel:
                 self._stop_watching.wait(WATCH_INTERVAL_S)
             try:
                 self._abort_cancelled()
-                self.metrics.update_engine(self.llm.stats())
+                self.metrics.flush(self.llm.stats())
             except Exception:
                 logger.exception("kiln: watcher tick failed")
 
