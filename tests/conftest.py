@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Appended, not prepended: tests/engine/ must never shadow the `engine` package.
+sys.path.append(str(Path(__file__).parent))
 
 from tiny_models import make_checkpoint  # noqa: E402
 

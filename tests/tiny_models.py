@@ -130,7 +130,7 @@ def make_checkpoint(kind: str, out_dir: str | Path, seed: int = 0, **overrides: 
         # Larger-than-default weights so that logits are peaked and greedy choices well separated.
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.normal_(0.0, 0.08 if "embed" not in name else 0.5)
+                p.normal_(0.0, 0.15 if "embed" not in name else 0.15)
             elif "norm" not in name:
                 p.normal_(0.0, 0.05)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
