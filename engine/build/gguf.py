@@ -116,7 +116,10 @@ class GGUFFile:
     def _value(self, pos: int, value_type: int) -> tuple[Any, int]:
         if value_type in _SCALAR_FORMATS:
             fmt = _SCALAR_FORMATS[value_type]
-            return struct.unpack_from(fmt, self._map, pos)[0], pos + struct.calcsize(fmt)
+            value = struct.unpack_from(fmt, self._map, pos)[0]
+            if value_type == 6:  # float32: keep the decimal it was written from (1e-05, not 9.99999974e-06)
+                value = float(repr(np.float32(value)))
+            return value, pos + struct.calcsize(fmt)
         if value_type == 8:
             return self._string(pos)
         if value_type == 9:
