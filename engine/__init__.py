@@ -14,8 +14,8 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
-    from engine.runtime.async_llm import AsyncLLM
-    from engine.runtime.llm import LLM
+    from engine.async_llm import AsyncLLM
+    from engine.llm import LLM
 
 __all__ = [
     "LLM",
@@ -33,11 +33,11 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # The runtime imports torch; keep `import engine` light for CLIs and config readers.
     if name == "LLM":
-        from engine.runtime.llm import LLM
+        from engine.llm import LLM
 
         return LLM
     if name == "AsyncLLM":
-        from engine.runtime.async_llm import AsyncLLM
+        from engine.async_llm import AsyncLLM
 
         return AsyncLLM
     raise AttributeError(name)

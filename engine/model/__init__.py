@@ -1,0 +1,1 @@
+"""Model implementations executed by Kiln's runtime."""
