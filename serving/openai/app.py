@@ -109,6 +109,11 @@ def create_app(config: GatewayConfig, prompts: PromptProcessor) -> FastAPI:
         error = OpenAIError(exc.status_code, str(exc.detail), "invalid_request_error", None, None)
         return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(ClientDisconnected)
+    async def on_client_gone(request: Request, exc: ClientDisconnected) -> JSONResponse:
+        # Nobody reads this; 499 (nginx's "client closed request") keeps logs truthful.
+        return JSONResponse({"error": None}, status_code=499)
+
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("unexpected error serving %s", request.url.path)
@@ -150,21 +155,32 @@ def _respond(result: dict[str, Any] | AsyncIterator[str]) -> JSONResponse | Stre
     )
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection before its response was ready."""
+
+
 async def _until_disconnect(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it if the client disconnects first (frees the engine's KV blocks
-    for a non-streaming request whose client gave up)."""
+    """Await `work`, cancelling it if the client disconnects first (so a non-streaming request
+    whose client gave up stops generating and frees its KV blocks at once)."""
     task = asyncio.ensure_future(work)
+    disconnected = False
 
     async def watch() -> None:
+        nonlocal disconnected
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                disconnected = True
                 task.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
         return await task
+    except asyncio.CancelledError:
+        if disconnected:
+            raise ClientDisconnected() from None
+        raise
     finally:
         watcher.cancel()
 
