@@ -41,7 +41,10 @@ from serving.triton.responses import Stream, build_response, error_response
 
 logger = logging.getLogger("kiln.triton")
 
-WATCH_INTERVAL_S = 0.2
+# Cancellation is polled (one call into the server per in-flight request) at this period;
+# metrics are published every METRICS_EVERY ticks.
+WATCH_INTERVAL_S = 0.05
+METRICS_EVERY = 4
 SHUTDOWN_MESSAGE = "request aborted: the Triton server is shutting down"
 
 
@@ -266,7 +269,9 @@ class KilnTritonModel:
 
     def _watch_loop(self) -> None:
         receiver = self._signal_pipe[0] if self._signal_pipe else None
-        while not self._stop_watching.is_set():
+        for tick in itertools.count():
+            if self._stop_watching.is_set():
+                return
             if receiver is not None:
                 readable, _, _ = select.select([receiver], [], [], WATCH_INTERVAL_S)
                 if readable and receiver.recv(64):
@@ -275,19 +280,22 @@ class KilnTritonModel:
                 self._stop_watching.wait(WATCH_INTERVAL_S)
             try:
                 self._abort_cancelled()
-                self.metrics.flush(self.llm.stats())
+                if tick % METRICS_EVERY == 0:
+                    self.metrics.flush(self.llm.stats())
             except Exception:
                 logger.exception("kiln: watcher tick failed")
 
     def _abort_cancelled(self) -> None:
         with self._lock:
-            streams = [s for s in self._streams.values() if not s.closed]
+            streams = [s for s in self._streams.values() if not (s.closed or s.aborting)]
         for stream in streams:
             cancelled = (stream.sender.is_cancelled() if stream.sender is not None
                          else stream.triton_request.is_cancelled())
             if cancelled:
-                self.llm.abort(stream.request_id)
+                # The close is queued before the engine's own "abort" output can be.
+                stream.aborting = True
                 self._outbox.put(_Close(stream.request_id, "request cancelled by the client", "CANCELLED"))
+                self.llm.abort(stream.request_id)
 
     def _begin_shutdown(self) -> None:
         if self._shutting_down:
@@ -298,8 +306,10 @@ class KilnTritonModel:
 
     def _abort_all(self, message: str) -> None:
         with self._lock:
-            request_ids = [s.request_id for s in self._streams.values() if not s.closed]
-        for request_id in request_ids:
+            streams = [s for s in self._streams.values() if not (s.closed or s.aborting)]
+        for stream in streams:
+            stream.aborting = True
+            request_id = stream.request_id
             self._outbox.put(_Close(request_id, message, "UNAVAILABLE"))
             self.llm.abort(request_id)
 

@@ -36,6 +36,7 @@ class Stream:
     num_sent_tokens: int = 0
     last_token_time: float | None = None
     closed: bool = False
+    aborting: bool = False  # abort sent to the engine, final response queued
     response: Any | None = None
     response_ready: threading.Event | None = None
     created: float = field(default_factory=time.monotonic)

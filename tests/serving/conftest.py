@@ -17,7 +17,7 @@ from serving.triton.launcher import TritonServer
 from serving.triton.repository import RepoOptions, write_model_repository
 
 # Small limits keep the KV pool tiny and make "prompt longer than max_seq_len" cheap to send.
-TINY_ENGINE_MAX_SEQ_LEN = 256
+TINY_ENGINE_MAX_SEQ_LEN = 512
 TINY_ENGINE_MAX_BATCH_SIZE = 48
 
 

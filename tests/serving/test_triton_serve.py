@@ -127,7 +127,7 @@ def test_sigint_with_requests_in_flight_ends_them_with_an_error_and_leaves_nothi
 
     async def in_flight() -> list[object]:
         return await asyncio.gather(*(triton_client.stream_generate(
-            grpc_url, triton_client.inputs("hello", 240, ignore_eos=True)) for _ in range(6)))
+            grpc_url, triton_client.inputs("hello", 500, ignore_eos=True)) for _ in range(6)))
 
     runner = threading.Thread(target=lambda: results.extend(asyncio.run(in_flight())))
     runner.start()
