@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import signal
 import socket
@@ -119,13 +120,24 @@ def server_environment() -> dict[str, str]:
 
 
 def log_excerpt(log_file: Path, lines: int = LOG_EXCERPT_LINES) -> str:
-    """The last `lines` lines of a server log, for error messages."""
+    """What went wrong, from a server log: its error lines (`E...` records and model status
+    rows that are not READY) when there are any, else its last `lines` lines."""
     try:
         text = log_file.read_text(errors="replace")
     except OSError:
         return "(no server log)"
-    tail = text.strip().splitlines()[-lines:]
+    all_lines = text.strip().splitlines()
+    errors = [
+        line.strip() for line in all_lines
+        if (_ERROR_RECORD.match(line) and "CudaDriverHelper" not in line)  # the latter: no GPU, harmless
+        or ("UNAVAILABLE" in line and line.startswith("|"))
+        or line.startswith(("error:", "Traceback", "Exception"))
+    ]
+    tail = errors[-lines:] if errors else all_lines[-lines:]
     return "\n".join(tail) if tail else "(server log is empty)"
+
+
+_ERROR_RECORD = re.compile(r"^E\d{4} ")
 
 
 class TritonServer:
