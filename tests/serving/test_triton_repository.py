@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from engine.config import load_engine_config
 from engine.errors import EngineLoadError
+from serving.triton.launcher import TritonServer
 from serving.triton.repository import (
     RepoOptions,
     RepositoryError,
@@ -61,3 +64,34 @@ def test_bad_options_are_refused(options: dict[str, object], message: str) -> No
 def test_not_an_engine_is_refused(tmp_path: Path) -> None:
     with pytest.raises(EngineLoadError, match="config.json"):
         write_model_repository(tmp_path, tmp_path / "repo")
+
+
+def test_no_decoupled_repository_serves_http_infer_and_refuses_streaming(
+    tiny_engine: Path, triton_factory: Callable[..., TritonServer]
+) -> None:
+    import numpy as np
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from engine import LLM, SamplingParams
+
+    server = triton_factory(tiny_engine, decoupled=False, max_queue_delay_us=1000)
+    client = httpclient.InferenceServerClient(server.http_url.removeprefix("http://"))
+
+    def infer(**values: object) -> Any:
+        inputs = []
+        for name, (value, triton_type, dtype) in values.items():  # type: ignore[misc]
+            tensor = httpclient.InferInput(name, [1, 1], triton_type)
+            tensor.set_data_from_numpy(np.array([[value]], dtype=dtype))
+            inputs.append(tensor)
+        return client.infer("ensemble", inputs)
+
+    prompt = "What is ML?"
+    expected = LLM(tiny_engine).generate([prompt], SamplingParams(max_tokens=12, temperature=0))[0].text
+    try:
+        result = infer(text_input=(prompt.encode(), "BYTES", np.object_), max_tokens=(12, "INT32", np.int32))
+        assert result.as_numpy("text_output").reshape(-1)[0].decode() == prompt + expected
+        with pytest.raises(InferenceServerException, match="stream=true needs a decoupled model"):
+            infer(text_input=(b"hi", "BYTES", np.object_), stream=(True, "BOOL", np.bool_))
+    finally:
+        client.close()
