@@ -27,7 +27,7 @@ console = Console()
 
 def _options(**flags: Any) -> Any:
     """The one place CLI flags become BuildOptions (validated there, errors name the flag)."""
-    from engine.build.builder import BuildOptions
+    from engine.build.options import BuildOptions
 
     return BuildOptions(**flags)
 

@@ -9,15 +9,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.build.builder import BuildOptions, build_engine
+    from engine.build.builder import build_engine
+    from engine.build.options import BuildOptions
 
 __all__ = ["BuildOptions", "build_engine"]
 
 
 def __getattr__(name: str) -> Any:
     # The builder imports torch; keep `import engine.build` light.
-    if name in __all__:
-        from engine.build import builder
+    if name == "BuildOptions":
+        from engine.build.options import BuildOptions
 
-        return getattr(builder, name)
+        return BuildOptions
+    if name == "build_engine":
+        from engine.build.builder import build_engine
+
+        return build_engine
     raise AttributeError(name)

@@ -20,13 +20,13 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.build.checkpoint import HFCheckpoint, sha256_file
+from engine.build.options import BuildOptions
 from engine.build.transforms import iter_kiln_tensors, model_config_from_hf, plan
 from engine.build.writer import SafetensorsWriter
 from engine.config import DTYPES, BuildConfig, EngineConfig, ModelConfig, is_engine_dir
@@ -42,37 +42,13 @@ TOKENIZER_FILES = (
 )
 # Files from which `transformers` can derive a tokenizer.json when a checkpoint lacks one.
 SLOW_TOKENIZER_FILES = ("tokenizer.model", "vocab.json")
+__all__ = ["BuildOptions", "build_engine"]
+
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """What `build-engine` was asked for. `None` limits are derived from the checkpoint:
-    max_seq_len = min(max_position_embeddings, 4096), max_num_tokens = max(2048, max_seq_len)."""
-
-    dtype: str = "auto"
-    max_batch_size: int = 64
-    max_seq_len: int | None = None
-    max_num_tokens: int | None = None
-    kv_block_size: int = 16
-    tp_size: int = 1
-
-    def __post_init__(self) -> None:
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise BuildError(f"--dtype {self.dtype!r} is not one of {['auto', *DTYPES]}")
-        for flag, value in (
-            ("--max-batch-size", self.max_batch_size),
-            ("--max-seq-len", self.max_seq_len),
-            ("--max-num-tokens", self.max_num_tokens),
-            ("--kv-block-size", self.kv_block_size),
-            ("--tp", self.tp_size),
-        ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise BuildError(f"{flag} must be a positive integer, got {value!r}")
 
 
 def build_engine(
