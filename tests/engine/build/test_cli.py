@@ -32,7 +32,6 @@ def test_build_engine_prints_path_and_summary(tiny_checkpoint: Callable[..., Pat
     [
         (["{tmp}/absent"], "error: {tmp}/absent: no such file or directory"),
         (["{ckpt}", "--dtype", "int3"], "error: --dtype 'int3' is not one of"),
-        (["{ckpt}", "--tp", "2"], "error: tensor parallel builds are not implemented yet"),
         (["{ckpt}", "--max-seq-len", "99999"], "error: --max-seq-len 99999 exceeds the model's context of 512"),
         (["{tmp}", "-o", "{tmp}/x"], "error: {tmp}/config.json: missing"),
     ],
