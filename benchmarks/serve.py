@@ -39,7 +39,7 @@ from benchmarks.errors import BenchmarkError
 from benchmarks.load import run_load, warm_up
 from benchmarks.metrics import compute_metrics, count_output_tokens
 from benchmarks.results import RunResult, ServeReport, rate_to_json
-from benchmarks.server_metrics import difference, scrape
+from benchmarks.server_metrics import difference, scrape_settled
 
 
 @dataclass(frozen=True)
@@ -147,10 +147,10 @@ async def _run_point(
 ) -> RunResult:
     label = f"rate={'inf' if math.isinf(rate) else f'{rate:g}'}" + (f" conc={concurrency}" if concurrency else "")
     task = progress.add_task(label, total=len(requests))
-    before = await scrape(config.metrics_url) if config.metrics_url else None
+    before = await scrape_settled(config.metrics_url) if config.metrics_url else None
     result = await run_load(backend, requests, rate, config.burstiness, concurrency, config.seed,
                             on_finished=lambda _: progress.advance(task), stop=stop)
-    server = difference(before, await scrape(config.metrics_url)) if before and config.metrics_url else None
+    server = difference(before, await scrape_settled(config.metrics_url)) if before and config.metrics_url else None
     count_output_tokens(result.records, tokenizer)
     metrics = compute_metrics(result.records, result.duration_s, config.slo)
     return RunResult(rate, concurrency, config.burstiness, metrics, result.records, result.interrupted, server)

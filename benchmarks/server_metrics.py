@@ -55,6 +55,23 @@ async def scrape(url: str) -> Scrape:
     return parse_metrics(response.text)
 
 
+async def scrape_settled(url: str, interval_s: float = 0.2, timeout_s: float = 3.0) -> Scrape:
+    """Scrape until two scrapes in a row agree: a server may record a request's latencies just
+    after sending its last response, so right after a run the last few may still be missing."""
+    import asyncio
+    import time
+
+    previous = await scrape(url)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(interval_s)
+        current = await scrape(url)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 def difference(before: Scrape, after: Scrape) -> dict[str, Any]:
     """What changed between two scrapes: per histogram {count, sum, mean}, per counter its increase."""
     histograms: dict[str, dict[str, float | None]] = {}
