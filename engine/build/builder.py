@@ -104,7 +104,7 @@ def _build(
             source = {
                 "checkpoint": str(checkpoint_dir.resolve()),
                 "format": "safetensors",
-                "files": {p.name: sha256_file(p) for p in ckpt.files()},
+                "files": {p.name: sha256_file(p) for p in _source_files(ckpt)},
                 "adapters": [],
             }
         with _staging_dir(out) as staging:
@@ -121,6 +121,12 @@ def _build(
             }
             (staging / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def _source_files(ckpt: HFCheckpoint) -> list[Path]:
+    """Every checkpoint file the engine is made of: weights, configs and tokenizer files."""
+    tokenizer = [ckpt.path / name for name in TOKENIZER_FILES if (ckpt.path / name).is_file()]
+    return sorted(set(ckpt.files()) | set(tokenizer))
 
 
 def _resolve_dtype(requested: str, hf_config: dict[str, Any]) -> str:

@@ -76,7 +76,9 @@ def test_limits_dtype_report_and_source(tiny_checkpoint: Callable[..., Path], tm
     assert report["num_parameters"] == hf_params and report["dtype"] == "bfloat16"
     assert report["bytes_per_rank"]["rank0.safetensors"] == 2 * hf_params and report["build_seconds"] >= 0
     source = json.loads((engine_dir / "config.json").read_text())["source"]
-    assert source["checkpoint"] == str(ckpt.resolve()) and set(source["files"]) >= {"config.json", "model.safetensors"}
+    assert source["checkpoint"] == str(ckpt.resolve()) and set(source["files"]) == {
+        "config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+        "chat_template.jinja"}
     assert all(len(h) == 64 for h in source["files"].values())
 
 
