@@ -52,7 +52,7 @@ class SafetensorsWriter:
         if tag is None:
             raise ValueError(f"tensor {name!r}: dtype {tensor.dtype} has no safetensors encoding")
         raw = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()  # (nbytes,)
-        self._data.write(memoryview(raw))  # no copy: raw is a contiguous view of the tensor
+        self._data.write(raw.data)  # no copy: raw is a contiguous view of the tensor
         end = self._offset + raw.nbytes
         self._header[name] = {"dtype": tag, "shape": list(tensor.shape), "data_offsets": [self._offset, end]}
         self._offset = end
