@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from engine.build.checkpoint import HFCheckpoint, sha256_file
+from engine.build.checkpoint import HFCheckpoint, read_json, sha256_file
+from engine.build.lora import MERGE_RECORD
 from engine.build.options import BuildOptions
 from engine.build.transforms import iter_kiln_tensors, model_config_from_hf, plan
 from engine.build.writer import SafetensorsWriter
@@ -69,6 +70,8 @@ def build_engine(
         raise CheckpointError(f"{checkpoint}: no such file or directory")
     if options.tp_size > 1:
         raise BuildError("tensor parallel builds are not implemented yet (use --tp 1)")
+    if output_dir is not None:
+        _check_output(Path(output_dir))  # before a possibly long GGUF conversion
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
         from engine.build.gguf import gguf_as_hf_checkpoint
 
@@ -105,7 +108,7 @@ def _build(
                 "checkpoint": str(checkpoint_dir.resolve()),
                 "format": "safetensors",
                 "files": {p.name: sha256_file(p) for p in _source_files(ckpt)},
-                "adapters": [],
+                **_merged_adapters(checkpoint_dir),
             }
         with _staging_dir(out) as staging:
             num_parameters, num_bytes = _write_weights(ckpt, arch, model, TORCH_DTYPES[dtype],
@@ -121,6 +124,17 @@ def _build(
             }
             (staging / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out
+
+
+def _merged_adapters(checkpoint_dir: Path) -> dict[str, Any]:
+    """`adapters` (and `merged_base`) for a checkpoint that `kiln merge` made from base + LoRA adapters."""
+    record = read_json(checkpoint_dir / MERGE_RECORD, required=False)
+    if record is None:
+        return {"adapters": []}
+    adapters = record.get("adapters")
+    if not isinstance(adapters, list):
+        raise CheckpointError(f"{checkpoint_dir / MERGE_RECORD}: 'adapters' must be a list")
+    return {"adapters": adapters, "merged_base": record.get("base")}
 
 
 def _source_files(ckpt: HFCheckpoint) -> list[Path]:

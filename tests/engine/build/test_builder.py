@@ -145,3 +145,11 @@ def test_bad_options_name_the_flag(field: str, value: object, message: str) -> N
 def test_tensor_parallel_is_refused_for_now(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
     with pytest.raises(BuildError, match="tensor parallel builds are not implemented yet"):
         build_engine(tiny_checkpoint("llama-gqa"), tmp_path / "e", BuildOptions(tp_size=2), progress=False)
+
+
+def test_merged_adapters_are_recorded_in_source(checkpoint_copy: Callable[[str], Path], tmp_path: Path) -> None:
+    ckpt = checkpoint_copy("llama-gqa")
+    adapter = {"path": "/adapters/a", "peft_type": "LORA", "sha256": "0" * 64, "r": 8, "lora_alpha": 16}
+    (ckpt / "kiln_merge.json").write_text(json.dumps({"base": "/base", "adapters": [adapter]}))
+    source = load_engine_config(build_engine(ckpt, tmp_path / "e", progress=False)).source
+    assert source["adapters"] == [adapter] and source["merged_base"] == "/base"
