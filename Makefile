@@ -28,8 +28,10 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy engine cli
 
+# Tiny test models gain nothing from intra-op threads, and several processes (pytest,
+# tritonserver stubs) share two cores: one thread each avoids OpenMP oversubscription.
 pytest: venv
-	$(VENV)/bin/pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
 
 test: lint typecheck pytest
 

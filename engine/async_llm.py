@@ -140,6 +140,7 @@ class AsyncLLM:
         else:
             final = self.engine.abort_request(command.request_id)
             if final is not None:
+                self._stats = self.engine.stats()
                 self._deliver(final)
 
     def _loop(self) -> None:
@@ -162,14 +163,17 @@ class AsyncLLM:
                 logger.exception("engine step failed; failing all in-flight requests")
                 self._abort_all("error")
                 continue
+            # Refresh the snapshot first: a client that sees its final output must also see
+            # its KV blocks freed in stats().
+            self._stats = self.engine.stats()
             for out in outputs:
                 self._deliver(out)
-            self._stats = self.engine.stats()
 
     def _abort_all(self, reason: str) -> None:
         for request_id in list(self.engine.sequences):
             final = self.engine.abort_request(request_id)
             if final is not None:
                 final.finish_reason = reason
+                self._stats = self.engine.stats()
                 self._deliver(final)
         self._stats = self.engine.stats()

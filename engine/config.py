@@ -194,6 +194,8 @@ def is_engine_dir(path: str | Path) -> bool:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
+    if (Path(path) / "build_report.json").is_file() or (Path(path) / "rank0.safetensors").is_file():
+        return True  # an engine, even if its config.json is broken (loading says what is wrong)
     try:
         return "format_version" in json.loads(cfg.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError):

@@ -25,3 +25,19 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., P
         return cache[kind]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`tiny_engine("llama-gqa")` -> a Kiln engine dir built (float32) from that tiny checkpoint."""
+    from engine.build.builder import BuildOptions, build_engine
+
+    cache: dict[str, Path] = {}
+
+    def make(kind: str = "llama-gqa") -> Path:
+        if kind not in cache:
+            out = tmp_path_factory.mktemp(f"engine-{kind}") / "engine"
+            cache[kind] = Path(build_engine(tiny_checkpoint(kind), out, BuildOptions(dtype="float32"), progress=False))
+        return cache[kind]
+
+    return make

@@ -18,7 +18,7 @@ from engine.runtime.detokenizer import IncrementalDetokenizer
 from engine.runtime.kv_pool import plan_kv_pool
 from engine.runtime.model_runner import TORCH_DTYPES, KVCacheSpec, ModelRunner
 from engine.runtime.sampler import Sampler
-from engine.runtime.scheduler import Scheduler, SchedulerConfig
+from engine.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from engine.runtime.sequence import Sequence, SequenceStatus
 from engine.runtime.stats import EngineStats
 from engine.sampling_params import SamplingParams
@@ -268,6 +268,19 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
             metrics=seq.metrics,
         )
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits (T, V) at every position of `token_ids`, computed through the paged
+        cache like any prefill (for perplexity and parity checks). Call only between steps."""
+        seq = Sequence("__score__", token_ids, SamplingParams(max_tokens=1))
+        if not self.block_manager.allocate_slots(seq, len(token_ids)):
+            raise InvalidRequestError(f"{len(token_ids)} tokens do not fit into the free KV blocks")
+        try:
+            logits, _ = self.runner.execute([ScheduledSequence(seq, len(token_ids))], all_logits=True)
+        finally:
+            self.block_manager.free(seq)
+        return logits
 
     def stats(self) -> EngineStats:
         bm = self.block_manager

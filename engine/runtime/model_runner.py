@@ -60,9 +60,11 @@ class ModelRunner:
         return sum(p.numel() * p.element_size() for p in self.model.parameters())
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> tuple[torch.Tensor, list[ScheduledSequence]]:
+    def execute(self, scheduled: list[ScheduledSequence],
+                all_logits: bool = False) -> tuple[torch.Tensor, list[ScheduledSequence]]:
         """Run one step. Returns (logits (S, V) float32, the S scheduled entries that sample),
-        rows in the order of the returned list."""
+        rows in the order of the returned list. With `all_logits`, returns instead the logits
+        of every computed token (T, V), in batch order (decodes first, then prefills)."""
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
         ordered = decodes + prefills
@@ -112,6 +114,8 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         hidden = self.model(ids, pos, self.kv_caches, meta)  # (T, H)
+        if all_logits:
+            return self.model.compute_logits(hidden), sampling
         if not sample_rows:
             return torch.empty(0, self.config.model.vocab_size), []
         rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
