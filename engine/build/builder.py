@@ -4,6 +4,7 @@ The engine directory (DESIGN.md §1)::
 
     config.json         EngineConfig: architecture, model hyper-parameters, build limits, source hashes
     rank0.safetensors   weights under Kiln's names (engine/build/transforms.py), in the build dtype
+    rank{r}.safetensors with --tp N: rank r's slices (engine/build/sharding.py), r = 0..N-1
     tokenizer.json, tokenizer_config.json, special_tokens_map.json, chat_template.jinja,
     generation_config.json   copied from the checkpoint (those it has)
     build_report.json   build seconds, bytes per rank, parameter count, dtype
@@ -19,7 +20,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from engine.build.checkpoint import HFCheckpoint, read_json, sha256_file
 from engine.build.lora import MERGE_RECORD
 from engine.build.options import BuildOptions
+from engine.build.sharding import check_tp_split, shard_tensor
 from engine.build.transforms import iter_kiln_tensors, model_config_from_hf, plan
 from engine.build.writer import SafetensorsWriter
 from engine.config import DTYPES, BuildConfig, EngineConfig, ModelConfig, is_engine_dir
@@ -68,8 +70,6 @@ def build_engine(
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"{checkpoint}: no such file or directory")
-    if options.tp_size > 1:
-        raise BuildError("tensor parallel builds are not implemented yet (use --tp 1)")
     if output_dir is not None:
         _check_output(Path(output_dir))  # before a possibly long GGUF conversion
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
@@ -101,7 +101,9 @@ def _build(
         arch, model = model_config_from_hf(ckpt.config, ckpt.generation_config)
         dtype = _resolve_dtype(options.dtype, ckpt.config)
         build = _build_config(options, model, dtype)
-        out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}-tp1"
+        check_tp_split(model, options.tp_size)
+        tp = options.tp_size
+        out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}-tp{tp}"
         _check_output(out)
         if source is None:
             source = {
@@ -111,13 +113,14 @@ def _build(
                 **_merged_adapters(checkpoint_dir),
             }
         with _staging_dir(out) as staging:
-            num_parameters, num_bytes = _write_weights(ckpt, arch, model, TORCH_DTYPES[dtype],
-                                                        staging / "rank0.safetensors", show_progress)
+            paths = [staging / f"rank{r}.safetensors" for r in range(tp)]
+            num_parameters, bytes_per_rank = _write_weights(ckpt, arch, model, TORCH_DTYPES[dtype], paths,
+                                                            show_progress)
             _copy_tokenizer(checkpoint_dir, staging)
             EngineConfig(architecture=arch, model=model, build=build, source=source).save(staging)
             report = {
                 "build_seconds": round(time.perf_counter() - start, 3),
-                "bytes_per_rank": {"rank0.safetensors": num_bytes},
+                "bytes_per_rank": {p.name: n for p, n in zip(paths, bytes_per_rank, strict=True)},
                 "num_parameters": num_parameters,
                 "dtype": dtype,
                 "architecture": arch,
@@ -195,19 +198,26 @@ def _staging_dir(out: Path) -> Iterator[Path]:
 
 
 def _write_weights(
-    ckpt: HFCheckpoint, arch: str, model: ModelConfig, dtype: torch.dtype, path: Path, show_progress: bool
-) -> tuple[int, int]:
-    """Stream Kiln tensors into `path`; return (parameter count, bytes written)."""
+    ckpt: HFCheckpoint, arch: str, model: ModelConfig, dtype: torch.dtype, paths: list[Path], show_progress: bool
+) -> tuple[int, list[int]]:
+    """Stream Kiln tensors into one file per tensor-parallel rank (`paths[r]` gets rank r's
+    slices, engine/build/sharding.py); return (unsharded parameter count, bytes per rank)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     total = len(plan(arch, model))
     columns = (TextColumn("[bold]converting tensors"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, disable=not show_progress, transient=False) as bar, SafetensorsWriter(path) as writer:
+    tp = len(paths)
+    num_parameters = 0
+    with Progress(*columns, disable=not show_progress, transient=False) as bar, ExitStack() as stack:
+        writers = [stack.enter_context(SafetensorsWriter(p)) for p in paths]
         task = bar.add_task("convert", total=total)
         for kiln_name, tensor in iter_kiln_tensors(arch, model, ckpt.get, set(ckpt.tensor_names())):
-            writer.add(kiln_name, tensor.to(dtype))
+            tensor = tensor.to(dtype)
+            num_parameters += tensor.numel()
+            for rank, writer in enumerate(writers):
+                writer.add(kiln_name, shard_tensor(kiln_name, tensor, model, tp, rank))
             bar.advance(task)
-    return writer.num_parameters, writer.num_bytes
+    return num_parameters, [w.num_bytes for w in writers]
 
 
 def _copy_tokenizer(checkpoint_dir: Path, engine_dir: Path) -> None:

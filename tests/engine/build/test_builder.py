@@ -142,9 +142,10 @@ def test_bad_options_name_the_flag(field: str, value: object, message: str) -> N
         BuildOptions(**{field: value})
 
 
-def test_tensor_parallel_is_refused_for_now(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
-    with pytest.raises(BuildError, match="tensor parallel builds are not implemented yet"):
-        build_engine(tiny_checkpoint("llama-gqa"), tmp_path / "e", BuildOptions(tp_size=2), progress=False)
+def test_impossible_tensor_parallel_split_is_refused(tiny_checkpoint: Callable[..., Path], tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="--tp 3 does not divide the model's 4 attention heads"):
+        build_engine(tiny_checkpoint("llama-gqa"), tmp_path / "e", BuildOptions(tp_size=3), progress=False)
+    assert not (tmp_path / "e").exists()
 
 
 def test_merged_adapters_are_recorded_in_source(checkpoint_copy: Callable[[str], Path], tmp_path: Path) -> None:
