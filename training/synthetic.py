@@ -14,27 +14,23 @@ the sentence. A random base model scores ~0 %.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 from pathlib import Path
 
 TEMPLATE = "Question: {phrase} {key}? Answer: {value}"
 PHRASES = ("what is", "tell me", "name", "give me", "recall", "say")
-KEY_WORDS = (
-    "quick brown fox jumps lazy dog machine learning models text tokens batches kernels engines "
-    "requests flight paged attention caches hello world"
-).split()
+# Single letters: one token each in any byte-level BPE, so a key is one position to attend to.
+KEY_SYMBOLS = tuple("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 VALUES = "one two three four five six the over while generate serve with".split()
 
 
 def key_value_records(num_keys: int = 50, seed: int = 0) -> list[dict[str, str]]:
     """`num_keys` distinct {"key", "value"} pairs, reproducible from `seed`."""
     rng = random.Random(seed)
-    pairs = [f"{a} {b}" for a, b in itertools.permutations(KEY_WORDS, 2)]
-    if num_keys > len(pairs):
-        raise ValueError(f"num_keys must be at most {len(pairs)}")
-    keys = rng.sample(pairs, num_keys)
+    if num_keys > len(KEY_SYMBOLS):
+        raise ValueError(f"num_keys must be at most {len(KEY_SYMBOLS)}")
+    keys = rng.sample(KEY_SYMBOLS, num_keys)
     return [{"key": key, "value": rng.choice(VALUES)} for key in keys]
 
 

@@ -1,0 +1,57 @@
+"""Fixtures of the training tests: the key -> value task, a checkpoint able to learn it, and one
+LoRA run on it shared by the trainer, merge, engine and Triton tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.config import FinetuneConfig
+from training.synthetic import TEMPLATE, write_task
+from training.trainer import FinetuneResult, finetune
+from tiny_models import make_checkpoint
+
+# The LoRA run the end-to-end tests share (see test_trainer.py for what it must achieve).
+LORA_SETTINGS = dict(method="lora", epochs=10, lr=3e-3, batch_size=5, rank=16, alpha=32.0, exact_match_samples=50)
+
+
+@dataclass(frozen=True)
+class KVTask:
+    train: Path
+    val: Path
+    template: str = TEMPLATE
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models train fastest on one thread; on a shared 2-core machine, more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def kv_task(tmp_path_factory: pytest.TempPathFactory) -> KVTask:
+    train, val = write_task(tmp_path_factory.mktemp("kv-task"), num_keys=50, seed=0)
+    return KVTask(train, val)
+
+
+@pytest.fixture(scope="session")
+def learner_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama (GQA) wide enough for LoRA to learn 50 keys in a few hundred steps."""
+    return make_checkpoint("llama-gqa", tmp_path_factory.mktemp("ckpt-learner"), hidden_size=256,
+                           intermediate_size=512)
+
+
+@pytest.fixture(scope="session")
+def lora_run(learner_checkpoint: Path, kv_task: KVTask, tmp_path_factory: pytest.TempPathFactory) -> FinetuneResult:
+    torch.set_num_threads(1)
+    config = FinetuneConfig(model=learner_checkpoint, data=kv_task.train, val_data=kv_task.val,
+                            output_dir=tmp_path_factory.mktemp("lora-run") / "out", template=kv_task.template,
+                            **LORA_SETTINGS)
+    return finetune(config, show_progress=False)
