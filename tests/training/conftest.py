@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import make_checkpoint
 
 from training.config import FinetuneConfig
 from training.synthetic import TEMPLATE, write_task
 from training.trainer import FinetuneResult, finetune
-from tiny_models import make_checkpoint
 
 # The LoRA run the end-to-end tests share (see test_trainer.py for what it must achieve).
 LORA_SETTINGS = dict(method="lora", epochs=10, lr=3e-3, batch_size=5, rank=16, alpha=32.0, exact_match_samples=50)
