@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.model.attention import AttentionMetadata, PrefillChunk
 from engine.model.layers import local_head_counts
 from engine.model.llama import LlamaForCausalLM
+from engine.quant.methods import process_weights_after_loading
 from engine.runtime.scheduler import ScheduledSequence
 from engine.runtime.weights import load_rank_weights
 
@@ -35,6 +36,22 @@ class KVCacheSpec:
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
 
 
+@dataclass(frozen=True)
+class StepBatch:
+    """One step, flattened (decodes first, then prefill chunks), as plain Python lists so that
+    it pickles cheaply to tensor-parallel workers."""
+
+    input_ids: list[int]  # (T,)
+    positions: list[int]  # (T,)
+    slot_mapping: list[int]  # (T,) cache slot of each token's K/V
+    prefill_chunks: list[tuple[int, int, int, list[int] | None]]  # (start, end, context_len, block table
+    #   when the chunk continues a cached context, else None)
+    decode_tables: list[list[int]]  # block table of each decode
+    decode_context_lens: list[int]
+    sample_rows: list[int]  # token rows whose logits are sampled
+    all_logits: bool = False
+
+
 class ModelRunner:
     def __init__(self, engine_dir: str | Path, config: EngineConfig, device: torch.device,
                  dtype: torch.dtype, num_kv_blocks: int, rank: int = 0) -> None:
@@ -44,9 +61,11 @@ class ModelRunner:
         self.block_size = config.build.kv_block_size
         cfg = config.model
         with torch.device("cpu"):
-            self.model = LlamaForCausalLM(cfg, dtype, max_positions=config.build.max_seq_len)
+            self.model = LlamaForCausalLM(cfg, dtype, max_positions=config.build.max_seq_len,
+                                          quant=config.build.quantization)
         load_rank_weights(self.model, engine_dir, rank)
         self.model.to(device)
+        process_weights_after_loading(self.model)  # quantized layers: kernel layouts (no-op otherwise)
         self.model.eval()
         _, kv_heads = local_head_counts(cfg.num_heads, cfg.num_kv_heads)
         self.kv_spec = KVCacheSpec(cfg.num_layers, kv_heads, cfg.head_dim, self.block_size, dtype)
@@ -65,18 +84,23 @@ class ModelRunner:
         """Run one step. Returns (logits (S, V) float32, the S scheduled entries that sample),
         rows in the order of the returned list. With `all_logits`, returns instead the logits
         of every computed token (T, V), in batch order (decodes first, then prefills)."""
+        batch, sampling = self.prepare(scheduled, all_logits)
+        return self.run(batch), sampling
+
+    def prepare(self, scheduled: list[ScheduledSequence],
+                all_logits: bool = False) -> tuple[StepBatch, list[ScheduledSequence]]:
+        """Flatten a step into a StepBatch (plain lists: what tensor-parallel ranks receive)
+        and the scheduled entries that sample, in logits row order."""
         decodes = [s for s in scheduled if s.num_new_tokens == 1]
         prefills = [s for s in scheduled if s.num_new_tokens > 1]
-        ordered = decodes + prefills
         bs = self.block_size
-
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
-        chunks: list[PrefillChunk] = []
+        chunks: list[tuple[int, int, int, list[int] | None]] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledSequence] = []
-        for s in ordered:
+        for s in decodes + prefills:
             seq = s.seq
             start = seq.num_computed_tokens
             end = start + s.num_new_tokens
@@ -86,41 +110,54 @@ class ModelRunner:
             table = seq.block_table
             slot_mapping.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if s.num_new_tokens > 1:
-                slots = None
-                if start > 0:
-                    slots = self._context_slots([table], [end])[0]
-                chunks.append(PrefillChunk(token_start, len(input_ids), end, slots))
+                chunks.append((token_start, len(input_ids), end, list(table) if start > 0 else None))
             if s.samples:
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(s)
+        batch = StepBatch(
+            input_ids=input_ids, positions=positions, slot_mapping=slot_mapping, prefill_chunks=chunks,
+            decode_tables=[list(s.seq.block_table) for s in decodes],
+            decode_context_lens=[s.seq.num_computed_tokens + 1 for s in decodes],
+            sample_rows=sample_rows, all_logits=all_logits,
+        )
+        return batch, sampling
 
+    @torch.inference_mode()
+    def run(self, batch: StepBatch) -> torch.Tensor:
+        """Run the model on a prepared step -> float32 logits: (len(sample_rows), V), or
+        (T, V) with `all_logits`. Under tensor parallelism every rank calls this with the same
+        batch (the model's collectives pair up) and every rank gets the full logits."""
         dev = self.device
+        chunks = [
+            PrefillChunk(start, stop, context_len,
+                         None if table is None else self._context_slots([table], [context_len])[0])
+            for start, stop, context_len, table in batch.prefill_chunks
+        ]
         decode_slots = decode_mask = None
-        if decodes:
-            ctx_lens = [s.seq.num_computed_tokens + 1 for s in decodes]
-            decode_slots = self._context_slots([s.seq.block_table for s in decodes], ctx_lens)
+        if batch.decode_tables:
+            ctx_lens = batch.decode_context_lens
+            decode_slots = self._context_slots(batch.decode_tables, ctx_lens)
             max_len = decode_slots.shape[1]
             lens = torch.tensor(ctx_lens, device=dev)
             decode_mask = (torch.arange(max_len, device=dev).unsqueeze(0) < lens.unsqueeze(1)).view(
-                len(decodes), 1, 1, max_len
+                len(ctx_lens), 1, 1, max_len
             )
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
-            num_decode_tokens=len(decodes),
+            slot_mapping=torch.tensor(batch.slot_mapping, dtype=torch.long, device=dev),
+            num_decode_tokens=len(batch.decode_tables),
             decode_context_slots=decode_slots,
             decode_mask=decode_mask,
             prefills=chunks,
         )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        ids = torch.tensor(batch.input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(batch.positions, dtype=torch.long, device=dev)
         hidden = self.model(ids, pos, self.kv_caches, meta)  # (T, H)
-        if all_logits:
-            return self.model.compute_logits(hidden), sampling
-        if not sample_rows:
-            return torch.empty(0, self.config.model.vocab_size), []
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-        logits = self.model.compute_logits(hidden[rows])  # (S, V)
-        return logits, sampling
+        if batch.all_logits:
+            return self.model.compute_logits(hidden)
+        if not batch.sample_rows:
+            return torch.empty(0, self.config.model.vocab_size)
+        rows = torch.tensor(batch.sample_rows, dtype=torch.long, device=dev)
+        return self.model.compute_logits(hidden[rows])  # (S, V)
 
     def _context_slots(self, tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
         """Cache slots of positions 0..len-1 for each block table -> (N, max_len) int64,
