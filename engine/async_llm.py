@@ -117,6 +117,7 @@ class AsyncLLM:
         self._stopped.set()
         self._commands.put(None)
         self._thread.join(timeout)
+        self.engine.close()  # tensor-parallel worker processes
         if self._tmp is not None:
             self._tmp.cleanup()
 

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,6 +22,9 @@ from engine.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerConf
 from engine.runtime.sequence import Sequence, SequenceStatus
 from engine.runtime.stats import EngineStats
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.distributed.executor import TensorParallelExecutor
 
 logger = logging.getLogger("kiln.engine")
 
@@ -74,11 +77,6 @@ class LLMEngine:
         self.engine_dir = Path(engine_dir)
         self.options = options
         self.config = _apply_overrides(load_engine_config(engine_dir), options)
-        if self.config.build.tp_size != 1:
-            raise EngineLoadError(
-                f"{engine_dir}: tp_size {self.config.build.tp_size} engines need the tensor-parallel "
-                "executor, which this Kiln version does not have yet"
-            )
         self.tokenizer = load_tokenizer(engine_dir)
         build = self.config.build
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -95,7 +93,14 @@ class LLMEngine:
         self.kv_pool = plan_kv_pool(spec, build.max_batch_size, build.max_seq_len, self.device,
                                     options.num_kv_blocks, options.kv_cache_memory_bytes)
         logger.info("KV cache: %s", self.kv_pool.describe())
-        self.runner = ModelRunner(engine_dir, self.config, self.device, self.dtype, self.kv_pool.num_blocks)
+        self.runner: ModelRunner | TensorParallelExecutor
+        if build.tp_size > 1:  # worker processes + collectives only for tensor-parallel engines
+            from engine.distributed.executor import TensorParallelExecutor
+
+            self.runner = TensorParallelExecutor(engine_dir, self.config, self.device, self.dtype,
+                                                 self.kv_pool.num_blocks)
+        else:
+            self.runner = ModelRunner(engine_dir, self.config, self.device, self.dtype, self.kv_pool.num_blocks)
         self.block_manager = BlockManager(self.kv_pool.num_blocks, build.kv_block_size,
                                           options.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -281,6 +286,11 @@ class LLMEngine:
         finally:
             self.block_manager.free(seq)
         return logits
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's worker processes (nothing to do at tp_size 1). Idempotent."""
+        if not isinstance(self.runner, ModelRunner):
+            self.runner.close()
 
     def stats(self) -> EngineStats:
         bm = self.block_manager
