@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.config import QuantConfig
 from engine.parallel import all_reduce, get_tp_rank, get_tp_size
+from engine.quant.methods import get_linear_method
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -42,30 +44,50 @@ class RMSNorm(nn.Module):
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's output rows split across ranks; output stays sharded."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         tp = get_tp_size()
         if out_features % tp:
             raise ValueError(f"output features {out_features} not divisible by tp_size {tp}")
-        self.weight = _empty(out_features // tp, in_features, dtype=dtype)
+        self._init_weights(out_features // tp, in_features, dtype, quant)
         self.bias = _empty(out_features // tp, dtype=dtype) if bias else None
 
+    def _init_weights(self, out_features: int, in_features: int, dtype: torch.dtype,
+                      quant: QuantConfig | None) -> None:
+        """`weight` (out, in) in `dtype`, or the quantized parameters of `quant` (engine/quant)."""
+        self.quant_method = get_linear_method(quant)
+        if self.quant_method is None:
+            self.weight = _empty(out_features, in_features, dtype=dtype)
+        else:
+            self.quant_method.create_weights(self, out_features, in_features, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.quant_method is None:
+            return F.linear(x, self.weight, self.bias)
+        y = self.quant_method.apply(self, x)
+        return y if self.bias is None else y + self.bias
 
 
 class RowParallelLinear(nn.Module):
     """y = x W^T with W's input columns split across ranks; partial sums are all-reduced."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         tp = get_tp_size()
         if in_features % tp:
             raise ValueError(f"input features {in_features} not divisible by tp_size {tp}")
-        self.weight = _empty(out_features, in_features // tp, dtype=dtype)
+        self.quant_method = get_linear_method(quant)
+        if self.quant_method is None:
+            self.weight = _empty(out_features, in_features // tp, dtype=dtype)
+        else:
+            self.quant_method.create_weights(self, out_features, in_features // tp, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight))
+        if self.quant_method is None:
+            return all_reduce(F.linear(x, self.weight))
+        return all_reduce(self.quant_method.apply(self, x))
 
 
 def local_head_counts(num_heads: int, num_kv_heads: int) -> tuple[int, int]:

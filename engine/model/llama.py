@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, QuantConfig
 from engine.model.attention import AttentionMetadata, paged_attention, write_kv
 from engine.model.layers import (
     ColumnParallelLinear,
@@ -29,24 +29,25 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection holding this rank's query heads and KV heads."""
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, quant: QuantConfig | None = None) -> None:
         nq, nkv = local_head_counts(num_heads, num_kv_heads)
         nn.Module.__init__(self)
         out = (nq + 2 * nkv) * head_dim
-        self.weight = nn.Parameter(torch.empty(out, hidden, dtype=dtype), requires_grad=False)
+        self._init_weights(out, hidden, dtype, quant)
         self.bias = nn.Parameter(torch.empty(out, dtype=dtype), requires_grad=False) if bias else None
         self.q_size, self.kv_size = nq * head_dim, nkv * head_dim
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads = local_head_counts(cfg.num_heads, cfg.num_kv_heads)
         self.head_dim = cfg.head_dim
         self.scale = cfg.head_dim ** -0.5
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads,
-                                          cfg.qkv_bias, dtype)
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, dtype)
+                                          cfg.qkv_bias, dtype, quant)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, dtype, quant)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
         self.rope = rope
@@ -69,12 +70,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, quant: QuantConfig | None = None) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} (Kiln supports silu)")
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype)
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, 2 * cfg.intermediate_size, False, dtype,
+                                                 quant)
+        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, dtype, quant)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I/tp) each
@@ -82,12 +84,13 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype) -> None:
+    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = Attention(cfg, rope, dtype)
+        self.self_attn = Attention(cfg, rope, dtype, quant)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = MLP(cfg, dtype)
+        self.mlp = MLP(cfg, dtype, quant)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -98,12 +101,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int) -> None:
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, max_positions: int,
+                 quant: QuantConfig | None = None) -> None:
+        """`quant`: the engine's weight quantization (None or algo "none": plain `dtype` weights)."""
         super().__init__()
         self.config = cfg
         rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, dtype) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rope, dtype, quant) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
         self.rope = rope  # registered once; layers share it
