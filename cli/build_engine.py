@@ -49,11 +49,39 @@ def build(
     kv_block_size: Annotated[int, typer.Option(help="Tokens per paged KV-cache block.")] = 16,
     tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel ranks.")] = 1,
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")] = False,
+    fp8: Annotated[bool, typer.Option("--fp8", help="FP8 (e4m3) weights, quantized with ModelOpt.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="int8 weight-only (per-channel).")] = False,
+    int4_awq: Annotated[bool, typer.Option("--int4-awq", help="int4 AWQ weights (group 128).")] = False,
+    w8a8: Annotated[bool, typer.Option("--w8a8", help="SmoothQuant int8 weights and activations.")] = False,
+    kv_cache_dtype: Annotated[str, typer.Option(help="auto | fp8 | int8 (KV-cache storage)")] = "auto",
+    group_size: Annotated[int | None, typer.Option(help="--int4-awq group size (default 128).")] = None,
+    calib_data: Annotated[
+        str | None, typer.Option(help="Calibration text (.txt paragraphs or .jsonl 'text'); default ships.")
+    ] = None,
+    calib_size: Annotated[int, typer.Option(help="Calibration samples (256 tokens each).")] = 32,
+    accuracy_budget: Annotated[
+        float | None, typer.Option(help="Largest perplexity ratio allowed (default 1.02 fp8/int8, 1.06 int4/w8a8).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Keep the engine even if it fails the accuracy gate.")] = False,
+    export_hf: Annotated[
+        str | None, typer.Option(help="Also keep ModelOpt's unified HF checkpoint (hf_quant_config.json) here.")
+    ] = None,
 ) -> None:
     """Build an engine and print where it is, with its parameter count, size and build time."""
-    from engine.build.builder import build_engine
+    from engine.errors import BuildError
 
+    chosen = [name for name, on in (("fp8", fp8), ("int8_wo", int8), ("int4_awq", int4_awq), ("w8a8_sq", w8a8)) if on]
+    if len(chosen) > 1:
+        raise BuildError("--fp8, --int8, --int4-awq and --w8a8 are mutually exclusive; choose one")
     options = _options(
+        quantization=chosen[0] if chosen else "none",
+        kv_cache_dtype=kv_cache_dtype,
+        group_size=group_size,
+        calib_data=calib_data,
+        calib_size=calib_size,
+        accuracy_budget=accuracy_budget,
+        force=force,
+        export_hf=export_hf,
         dtype=dtype,
         max_batch_size=max_batch_size,
         max_seq_len=max_seq_len,
@@ -61,6 +89,8 @@ def build(
         kv_block_size=kv_block_size,
         tp_size=tp,
     )
+    from engine.build.builder import build_engine
+
     engine_dir = build_engine(checkpoint, output, options, progress=not quiet)
     report = json.loads((engine_dir / "build_report.json").read_text())
     num_bytes = sum(report["bytes_per_rank"].values())
@@ -70,6 +100,10 @@ def build(
         f"{num_bytes / 2**20:.1f} MiB, built in {report['build_seconds']:.1f} s",
         highlight=False,
     )
+    if "accuracy" in report:
+        from engine.build.quantize import GateResult
+
+        console.print(f"  {GateResult(**report['accuracy']).describe()}", highlight=False)
 
 
 def main() -> None:

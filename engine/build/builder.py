@@ -21,6 +21,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from engine.build.options import BuildOptions
 from engine.build.sharding import check_tp_split, shard_tensor
 from engine.build.transforms import iter_kiln_tensors, model_config_from_hf, plan
 from engine.build.writer import SafetensorsWriter
-from engine.config import DTYPES, BuildConfig, EngineConfig, ModelConfig, is_engine_dir
+from engine.config import DTYPES, BuildConfig, EngineConfig, ModelConfig, QuantConfig, is_engine_dir
 from engine.errors import BuildError, CheckpointError
 
 DEFAULT_MAX_SEQ_LEN_CAP = 4096
@@ -97,13 +98,22 @@ def _build(
 ) -> Path:
     """Build from a HF checkpoint dir; `source` overrides its provenance (a GGUF file), `start` is
     when the whole build began (perf_counter), for build_report.json."""
+    if options.quantization != "none":  # ModelOpt calibration + accuracy gate, then back here
+        from engine.build.quantize import build_quantized
+
+        return build_quantized(checkpoint_dir, name, output_dir, options, show_progress, source, start)
     with HFCheckpoint(checkpoint_dir) as ckpt:
         arch, model = model_config_from_hf(ckpt.config, ckpt.generation_config)
         dtype = _resolve_dtype(options.dtype, ckpt.config)
         build = _build_config(options, model, dtype)
         check_tp_split(model, options.tp_size)
         tp = options.tp_size
-        out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}-tp{tp}"
+        quant = _quant_config(checkpoint_dir, options)
+        if quant.algo != "none" and tp > 1:
+            raise BuildError("quantized engines with --tp > 1 are not supported yet (use --tp 1)")
+        build = replace(build, quantization=quant)
+        suffix = "" if quant.algo == "none" else f"-{quant.algo}"
+        out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}{suffix}-tp{tp}"
         _check_output(out)
         if source is None:
             source = {
@@ -115,7 +125,7 @@ def _build(
         with _staging_dir(out) as staging:
             paths = [staging / f"rank{r}.safetensors" for r in range(tp)]
             num_parameters, bytes_per_rank = _write_weights(ckpt, arch, model, TORCH_DTYPES[dtype], paths,
-                                                            show_progress)
+                                                            show_progress, quant)
             _copy_tokenizer(checkpoint_dir, staging)
             EngineConfig(architecture=arch, model=model, build=build, source=source).save(staging)
             report = {
@@ -124,6 +134,7 @@ def _build(
                 "num_parameters": num_parameters,
                 "dtype": dtype,
                 "architecture": arch,
+                "quantization": quant.algo,
             }
             (staging / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return out
@@ -197,8 +208,18 @@ def _staging_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _quant_config(checkpoint_dir: Path, options: BuildOptions) -> QuantConfig:
+    """The engine's quantization: read from a ModelOpt checkpoint's hf_quant_config.json, else none;
+    plus the requested KV-cache dtype."""
+    from engine.quant.modelopt_format import is_modelopt_checkpoint, read_modelopt_quant_config
+
+    quant = read_modelopt_quant_config(checkpoint_dir) if is_modelopt_checkpoint(checkpoint_dir) else QuantConfig()
+    return replace(quant, kv_cache_dtype=options.kv_cache_dtype)
+
+
 def _write_weights(
-    ckpt: HFCheckpoint, arch: str, model: ModelConfig, dtype: torch.dtype, paths: list[Path], show_progress: bool
+    ckpt: HFCheckpoint, arch: str, model: ModelConfig, dtype: torch.dtype, paths: list[Path], show_progress: bool,
+    quant: QuantConfig | None = None,
 ) -> tuple[int, list[int]]:
     """Stream Kiln tensors into one file per tensor-parallel rank (`paths[r]` gets rank r's
     slices, engine/build/sharding.py); return (unsharded parameter count, bytes per rank)."""
@@ -211,6 +232,16 @@ def _write_weights(
     with Progress(*columns, disable=not show_progress, transient=False) as bar, ExitStack() as stack:
         writers = [stack.enter_context(SafetensorsWriter(p)) for p in paths]
         task = bar.add_task("convert", total=total)
+        if quant is not None and quant.algo != "none":  # ModelOpt layouts (engine/quant/modelopt_format.py)
+            from engine.quant.modelopt_format import iter_quantized_kiln_tensors
+
+            for kiln_name, tensor in iter_quantized_kiln_tensors(arch, model, quant, dtype, ckpt.get,
+                                                                 set(ckpt.tensor_names())):
+                num_parameters += tensor.numel()
+                writers[0].add(kiln_name, tensor)
+                if not kiln_name.endswith(("weight_scale", "pre_quant_scale")):
+                    bar.advance(task)
+            return num_parameters, [w.num_bytes for w in writers]
         for kiln_name, tensor in iter_kiln_tensors(arch, model, ckpt.get, set(ckpt.tensor_names())):
             tensor = tensor.to(dtype)
             num_parameters += tensor.numel()

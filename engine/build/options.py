@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import DTYPES
+from engine.config import DTYPES, KV_CACHE_DTYPES, QUANT_ALGOS
 from engine.errors import BuildError
 
 
@@ -20,6 +20,15 @@ class BuildOptions:
     max_num_tokens: int | None = None
     kv_block_size: int = 16
     tp_size: int = 1
+    # Quantization (engine/build/quantize.py): algo none|fp8|int8_wo|int4_awq|w8a8_sq.
+    quantization: str = "none"
+    kv_cache_dtype: str = "auto"
+    group_size: int | None = None
+    calib_data: str | None = None
+    calib_size: int = 32
+    accuracy_budget: float | None = None
+    force: bool = False
+    export_hf: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -33,3 +42,25 @@ class BuildOptions:
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise BuildError(f"{flag} must be a positive integer, got {value!r}")
+        self._check_quantization()
+
+    def _check_quantization(self) -> None:
+        if self.quantization not in QUANT_ALGOS:
+            raise BuildError(f"quantization {self.quantization!r} is not one of {list(QUANT_ALGOS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise BuildError(f"--kv-cache-dtype {self.kv_cache_dtype!r} is not one of {list(KV_CACHE_DTYPES)}")
+        if self.group_size is not None:
+            if self.quantization != "int4_awq":
+                raise BuildError("--group-size applies only to --int4-awq")
+            if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 32:
+                raise BuildError(f"--group-size must be a positive multiple of 32, got {self.group_size!r}")
+        if self.calib_size <= 0:
+            raise BuildError(f"--calib-size must be a positive integer, got {self.calib_size!r}")
+        if self.accuracy_budget is not None and not self.accuracy_budget >= 1.0:
+            raise BuildError(f"--accuracy-budget is a perplexity ratio >= 1.0, got {self.accuracy_budget!r}")
+        if self.quantization == "none":
+            for flag, given in (("--calib-data", self.calib_data is not None),
+                                ("--accuracy-budget", self.accuracy_budget is not None),
+                                ("--export-hf", self.export_hf is not None), ("--force", self.force)):
+                if given:
+                    raise BuildError(f"{flag} needs a weight quantization (--fp8, --int8, --int4-awq or --w8a8)")
