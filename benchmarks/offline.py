@@ -336,13 +336,25 @@ def offline_table(report: OfflineReport) -> Table:
         table.add_row(r.backend, r.status, fmt(r.output_tok_s, ".1f"), fmt(r.decode_tok_s, ".1f"),
                       fmt(r.prefill_tok_s, ".1f"), fmt(r.total_s, ".2f"), fmt(r.decode_steps_per_s, ".2f"),
                       "-" if r.mbu is None else f"{100 * r.mbu:.1f}%")
-    for key, value in report.ratios().items():
-        table.add_row(key, "ratio", f"{value:.2f}x", "", "", "", "", "")
+    return table
+
+
+def summary_lines(report: OfflineReport) -> list[str]:
+    """Plain lines under the table: ratios, backends that did not run, and the roofline."""
+    lines = []
+    ratios = report.ratios()
+    for other in sorted({key.split()[0].split("/")[1] for key in ratios}):
+        out = ratios.get(f"kiln/{other} output_tok_s")
+        dec = ratios.get(f"kiln/{other} decode_tok_s")
+        parts = [f"{out:.2f}x output tok/s" if out else None, f"{dec:.2f}x decode tok/s" if dec else None]
+        lines.append(f"kiln / {other}: " + ", ".join(p for p in parts if p))
+    lines += [f"{r.backend}: {r.status}" for r in report.results if r.status != "ok"]
     if report.bandwidth:
         bw = report.bandwidth
-        weights = f"{report.weight_bytes_per_step / 1e6:.1f} MB/step" if report.weight_bytes_per_step else "-"
-        roofline = (f"{bw.gb_per_s * 1e9 / report.weight_bytes_per_step:.1f} steps/s"
-                    if report.weight_bytes_per_step else "-")
-        table.caption = (f"memory bandwidth {bw.gb_per_s:.1f} GB/s (copy, read+write, {bw.device}); "
-                         f"weights {weights}; decode roofline {roofline}")
-    return table
+        line = f"memory bandwidth: {bw.gb_per_s:.1f} GB/s ({bw.device} copy, read+write counted)"
+        if report.weight_bytes_per_step:
+            roofline = bw.gb_per_s * 1e9 / report.weight_bytes_per_step
+            line += (f"; weights read per decode step {report.weight_bytes_per_step / 1e6:.1f} MB; "
+                     f"roofline {roofline:.1f} steps/s")
+        lines.append(line)
+    return lines

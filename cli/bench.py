@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(None, help="Write results JSON."),
     ) -> None:
         """In-process tokens/s of Kiln vs Hugging Face generate (and vLLM), with the MBU roofline."""
-        from benchmarks.offline import OfflineBenchConfig, offline_table, run_offline_benchmark
+        from benchmarks.offline import OfflineBenchConfig, offline_table, run_offline_benchmark, summary_lines
 
         config = OfflineBenchConfig(
             engine=str(engine), hf_checkpoint=str(hf_checkpoint) if hf_checkpoint else None, batch=batch,
@@ -110,6 +110,8 @@ def register(app: typer.Typer) -> None:
         report = run_offline_benchmark(config, console=Console(stderr=True))
         console = Console()
         console.print(offline_table(report))
+        for line in summary_lines(report):
+            console.print(line, highlight=False)
         if out:
             report.save(out)
             console.print(f"results: {out}")
