@@ -53,8 +53,9 @@ class Attention(nn.Module):
         self.rope = rope
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """hidden: (T, H); kv_cache: (2, num_blocks, block_size, nkv, hd) -> (T, H)."""
+                meta: AttentionMetadata, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden: (T, H); kv_cache: (2, num_blocks, block_size, nkv, hd) -> (T, H).
+        kv_scales (2, num_blocks, block_size, nkv) when the cache is int8/fp8."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
@@ -64,8 +65,8 @@ class Attention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(positions, q), self.rope(positions, k)
-        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        write_kv(k, v, kv_cache[0], kv_cache[1], meta.slot_mapping, kv_scales)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale, kv_scales)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
@@ -93,9 +94,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, dtype, quant)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
         residual = hidden
-        hidden = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
+        hidden = self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta, kv_scales)
         hidden, residual = self.post_attention_layernorm.forward_residual(hidden, residual)
         return residual + self.mlp(hidden)
 
@@ -114,11 +115,16 @@ class LlamaForCausalLM(nn.Module):
         self.rope = rope  # registered once; layers share it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """input_ids, positions: (T,); kv_caches: (layers, 2, num_blocks, block_size, nkv, hd) -> (T, H)."""
+                meta: AttentionMetadata, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: (T,); kv_caches: (layers, 2, num_blocks, block_size, nkv, hd) -> (T, H).
+        kv_scales: (layers, 2, num_blocks, block_size, nkv) for an int8/fp8 cache, else None."""
         hidden = self.embed_tokens(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(positions, hidden, kv_cache, meta)
+        if kv_scales is None:
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden = layer(positions, hidden, kv_cache, meta)
+        else:
+            for layer, kv_cache, scales in zip(self.layers, kv_caches, kv_scales, strict=True):
+                hidden = layer(positions, hidden, kv_cache, meta, scales)
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from engine.config import EngineConfig, load_engine_config
 from engine.errors import EngineLoadError, InvalidRequestError
 from engine.outputs import RequestOutput
+from engine.quant.kv_cache import kv_storage
 from engine.runtime.block_manager import BlockManager
 from engine.runtime.detokenizer import IncrementalDetokenizer
 from engine.runtime.kv_pool import plan_kv_pool
@@ -89,7 +90,9 @@ class LLMEngine:
             (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
         )
 
-        spec = KVCacheSpec(model.num_layers, model.num_kv_heads, model.head_dim, build.kv_block_size, self.dtype)
+        cache_dtype, scale_dtype = kv_storage(build.quantization.kv_cache_dtype, self.dtype)
+        spec = KVCacheSpec(model.num_layers, model.num_kv_heads, model.head_dim, build.kv_block_size, cache_dtype,
+                           scale_dtype)
         self.kv_pool = plan_kv_pool(spec, build.max_batch_size, build.max_seq_len, self.device,
                                     options.num_kv_blocks, options.kv_cache_memory_bytes)
         logger.info("KV cache: %s", self.kv_pool.describe())

@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.model.attention import AttentionMetadata, PrefillChunk
 from engine.model.layers import local_head_counts
 from engine.model.llama import LlamaForCausalLM
+from engine.quant.kv_cache import kv_storage
 from engine.quant.methods import process_weights_after_loading
 from engine.runtime.scheduler import ScheduledSequence
 from engine.runtime.weights import load_rank_weights
@@ -28,11 +29,15 @@ class KVCacheSpec:
     num_kv_heads: int  # on this rank
     head_dim: int
     block_size: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # cache element dtype (int8 / float8_e4m3fn for a quantized cache)
+    scale_dtype: torch.dtype | None = None  # per token-head scale of a quantized cache
 
     @property
     def bytes_per_block(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
+        if self.scale_dtype is not None:
+            elem = elem * self.head_dim + torch.empty((), dtype=self.scale_dtype).element_size()
+            return self.num_layers * 2 * self.block_size * self.num_kv_heads * elem
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * elem
 
 
@@ -68,10 +73,16 @@ class ModelRunner:
         process_weights_after_loading(self.model)  # quantized layers: kernel layouts (no-op otherwise)
         self.model.eval()
         _, kv_heads = local_head_counts(cfg.num_heads, cfg.num_kv_heads)
-        self.kv_spec = KVCacheSpec(cfg.num_layers, kv_heads, cfg.head_dim, self.block_size, dtype)
+        cache_dtype, scale_dtype = kv_storage(config.build.quantization.kv_cache_dtype, dtype)
+        self.kv_spec = KVCacheSpec(cfg.num_layers, kv_heads, cfg.head_dim, self.block_size, cache_dtype, scale_dtype)
         # (layers, 2, num_blocks, block_size, kv_heads, head_dim)
         self.kv_caches = torch.zeros(
-            cfg.num_layers, 2, num_kv_blocks, self.block_size, kv_heads, cfg.head_dim, dtype=dtype, device=device
+            cfg.num_layers, 2, num_kv_blocks, self.block_size, kv_heads, cfg.head_dim, dtype=cache_dtype,
+            device=device,
+        )
+        # int8/fp8 cache: one scale per token and KV head (engine/quant/kv_cache.py)
+        self.kv_scales = None if scale_dtype is None else torch.zeros(
+            cfg.num_layers, 2, num_kv_blocks, self.block_size, kv_heads, dtype=scale_dtype, device=device
         )
 
     @property
@@ -151,7 +162,7 @@ class ModelRunner:
         )
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=dev)
-        hidden = self.model(ids, pos, self.kv_caches, meta)  # (T, H)
+        hidden = self.model(ids, pos, self.kv_caches, meta, self.kv_scales)  # (T, H)
         if batch.all_logits:
             return self.model.compute_logits(hidden)
         if not batch.sample_rows:
