@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 
 from serving.openai.errors import OpenAIError, invalid_request, upstream_failed, upstream_unavailable
 from serving.openai.protocol import GenerationRequest
@@ -101,8 +102,6 @@ class TritonUpstream:
             return self._signature
         async with self._signature_lock:
             if self._signature is None:
-                from tritonclient.utils import InferenceServerException
-
                 try:
                     meta = await self._client.get_model_metadata(self.model_name, as_json=True)
                 except InferenceServerException as exc:
@@ -165,7 +164,7 @@ class TritonUpstream:
             if spec.datatype == "BYTES":
                 array = np.array(vals, dtype=np.object_)
             else:
-                array = np.array(vals, dtype=self._grpcclient.utils.triton_to_np_dtype(spec.datatype))
+                array = np.array(vals, dtype=triton_to_np_dtype(spec.datatype))
             # Leading dims (batch, ...) are 1; the last dim holds the values.
             array = array.reshape([1] * (max(len(spec.shape), 1) - 1) + [len(vals)])
             tensor = self._grpcclient.InferInput(name, list(array.shape), spec.datatype)
