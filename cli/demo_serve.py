@@ -18,7 +18,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-DEMO_PROMPTS = ("What is machine learning?", "Write one sentence about the sea.")
+DEMO_PROMPTS = ("Machine learning is", "The ocean covers")
 DEMO_MAX_TOKENS = 32
 
 

@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 from types import TracebackType
 
@@ -140,6 +141,24 @@ def log_excerpt(log_file: Path, lines: int = LOG_EXCERPT_LINES) -> str:
 _ERROR_RECORD = re.compile(r"^E\d{4} ")
 
 
+def _reap_group(process: subprocess.Popen[bytes], grace: float) -> int:
+    """SIGTERM a server's process group, wait `grace` s, SIGKILL what is left; the exit code."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    # Stubs may outlive a killed server by a moment; the group id is the server's pid.
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return process.wait()
+
+
 class TritonServer:
     """A tritonserver process serving `model_repository` on loopback (by default) ports.
 
@@ -174,6 +193,7 @@ class TritonServer:
         self.process: subprocess.Popen[bytes] | None = None
         self._backend_dir: Path | None = None
         self._log_handle: object | None = None
+        self._reaper: weakref.finalize | None = None
 
     # -- urls ---------------------------------------------------------------------------
     @property
@@ -239,6 +259,8 @@ class TritonServer:
         except OSError as exc:
             self._cleanup_files()
             raise TritonServerError(f"could not execute {binary}: {exc}") from None
+        # If the owner never calls stop() (crash, forgotten), the server still goes at exit.
+        self._reaper = weakref.finalize(self, _reap_group, self.process, float(self.exit_timeout_secs + 10))
         return self
 
     def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT_S) -> None:
@@ -292,22 +314,12 @@ class TritonServer:
         """SIGTERM the server's group, wait up to `timeout` (default: exit timeout + 10 s),
         then SIGKILL whatever is left of the group. Returns the server's exit code."""
         process = self.process
-        if process is None:
-            self._cleanup_files()
-            return None
-        grace = float(self.exit_timeout_secs + 10) if timeout is None else timeout
-        self.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-        # Stubs may outlive a killed server by a moment; the group id is the server's pid.
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        code = process.wait()
+        code = None
+        if process is not None and self._reaper is not None:
+            self._reaper.detach()
+            code = _reap_group(process, float(self.exit_timeout_secs + 10) if timeout is None else timeout)
         self.process = None
+        self._reaper = None
         self._cleanup_files()
         return code
 
