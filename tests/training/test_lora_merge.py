@@ -16,8 +16,8 @@ from training.evaluate import greedy_completions
 
 
 @pytest.fixture(scope="module")
-def merged_dir(lora_run, learner_checkpoint, tmp_path_factory):
-    return merge_lora(learner_checkpoint, lora_run.output_dir, tmp_path_factory.mktemp("merged") / "ckpt")
+def merged_dir(merged_checkpoint):
+    return merged_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_only_lora_adapters_merge(learner_checkpoint, tmp_path):
 
 
 def test_an_adapter_for_another_model_shape_is_refused_by_name(lora_run, tiny_checkpoint, tmp_path):
-    # lora_run was trained on a 256-wide model; the session's tiny checkpoint is 64 wide.
+    # lora_run was trained on a 128-wide model; the session's tiny checkpoint is 64 wide.
     with pytest.raises(CheckpointError, match="does not fit .*size mismatch"):
         merge_lora(tiny_checkpoint("llama-gqa"), lora_run.output_dir, tmp_path / "out")
     assert not (tmp_path / "out").exists()
