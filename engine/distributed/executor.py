@@ -93,6 +93,13 @@ class _Workers:
         """rank -> exit code of every worker that has exited."""
         return {r: p.returncode for r, p in self.procs.items() if p.poll() is not None}
 
+    def wait_any_dead(self, timeout_s: float) -> dict[int, int]:
+        """`dead()`, waiting up to `timeout_s` for a first worker to have exited."""
+        deadline = time.monotonic() + timeout_s
+        while not (dead := self.dead()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return dead
+
     def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Wait up to `grace_s` for workers to exit, then terminate, then kill; reap all."""
         with self._lock:
@@ -179,7 +186,10 @@ class TensorParallelExecutor:
             dist.broadcast_object_list([batch], src=0, group=self._control)
             logits = self.runner.run(batch)
         except Exception as exc:
-            self._fail(f"a collective failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+            # Usually a peer died (its sockets closed): name it rather than the socket error.
+            dead = self._workers.wait_any_dead(timeout_s=1.0)
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            self._fail(self._describe_dead(dead) if dead else f"a collective failed ({type(exc).__name__}: {first_line})")
             self._check()
             raise
         self._check()  # a worker that died during the step may have left partial results

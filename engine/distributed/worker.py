@@ -90,14 +90,14 @@ def run_worker(master_addr: str, master_port: int, rank: int, world_size: int) -
         dist.destroy_process_group()
 
 
-def main() -> int:
+def main() -> None:
     env = os.environ
     try:
         addr, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
         rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
     except (KeyError, ValueError) as exc:
         print(f"kiln tp worker: set MASTER_ADDR, MASTER_PORT, WORLD_SIZE and RANK ({exc})", file=sys.stderr)
-        return 2
+        sys.exit(2)
     parent = env.get("KILN_TP_PARENT_PID")
     if parent is not None:
         threading.Thread(target=_watch_parent, args=(int(parent),), daemon=True).start()
@@ -105,12 +105,15 @@ def main() -> int:
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return run_worker(addr, port, rank, world_size)
+        code = run_worker(addr, port, rank, world_size)
     except Exception as exc:  # a failed collective (rank 0 gone, timeout): one line, exit non-zero
         print(f"kiln tp worker rank {rank}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               file=sys.stderr)
-        return 1
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip torch's slow interpreter teardown: nothing is left to flush or free
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
