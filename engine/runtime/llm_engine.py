@@ -13,6 +13,7 @@ import torch
 from engine.config import EngineConfig, load_engine_config
 from engine.errors import EngineLoadError, InvalidRequestError
 from engine.outputs import RequestOutput
+from engine.parallel import get_tp_size
 from engine.quant.kv_cache import kv_storage
 from engine.runtime.block_manager import BlockManager
 from engine.runtime.detokenizer import IncrementalDetokenizer
@@ -102,6 +103,11 @@ class LLMEngine:
 
             self.runner = TensorParallelExecutor(engine_dir, self.config, self.device, self.dtype,
                                                  self.kv_pool.num_blocks)
+        elif get_tp_size() != 1:
+            raise EngineLoadError(
+                f"{engine_dir}: a tensor-parallel engine is open in this process (its model layers are "
+                "sharded process-wide); close it before loading another engine"
+            )
         else:
             self.runner = ModelRunner(engine_dir, self.config, self.device, self.dtype, self.kv_pool.num_blocks)
         self.block_manager = BlockManager(self.kv_pool.num_blocks, build.kv_block_size,
