@@ -12,7 +12,7 @@ import pytest
 TP_MAX_SEQ_LEN = 256
 
 
-def process_gone(pid: int) -> bool:
+def _process_gone(pid: int) -> bool:
     """No process `pid`, or only its zombie."""
     try:
         with open(f"/proc/{pid}/stat") as stat:
@@ -21,7 +21,7 @@ def process_gone(pid: int) -> bool:
         return True
 
 
-def child_pids(parent: int) -> list[int]:
+def _child_pids(parent: int) -> list[int]:
     """Live (non-zombie) children of `parent`, from /proc."""
     pids = []
     for entry in os.listdir("/proc"):
@@ -35,6 +35,17 @@ def child_pids(parent: int) -> list[int]:
         if int(fields[1]) == parent and fields[0] != "Z":
             pids.append(int(entry))
     return pids
+
+
+@pytest.fixture(scope="session")
+def process_gone() -> Callable[[int], bool]:
+    return _process_gone
+
+
+@pytest.fixture(scope="session")
+def child_pids() -> Callable[[int], list[int]]:
+    """`child_pids(pid)`: live child processes of `pid` (a tensor-parallel engine's workers)."""
+    return _child_pids
 
 
 @pytest.fixture(scope="session")
