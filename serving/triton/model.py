@@ -319,9 +319,9 @@ class KilnTritonModel:
         self._abort_all(SHUTDOWN_MESSAGE)
         self.llm.shutdown()
         self._stop_watching.set()
-        self._watcher.join(timeout=5)
+        self._watcher.join(timeout=2)
         self._outbox.put(_STOP)
-        self._responder.join(timeout=5)
+        self._responder.join(timeout=2)
         self.metrics.close()
         if self._signal_pipe is not None:
             signal.set_wakeup_fd(-1)
