@@ -147,7 +147,7 @@ class TensorParallelExecutor:
                                     wait_for_workers=False)
         setup = WorkerSetup(str(Path(engine_dir).resolve()), config, device.type, dtype, num_kv_blocks,
                             collective_timeout)
-        self._store.set(SETUP_KEY, pickle.dumps(setup))
+        self._store.set(SETUP_KEY, pickle.dumps(setup))  # type: ignore[arg-type]  # bytes work; stub says str
         threads = max(1, (os.cpu_count() or 1) // local)
         self._finalizer = weakref.finalize(self, self._workers.stop, 0.0)
         try:
