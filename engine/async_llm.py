@@ -19,9 +19,8 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
-from engine.llm import resolve_engine_dir
+from engine.llm import open_engine
 from engine.outputs import RequestOutput
-from engine.runtime.llm_engine import EngineOptions, LLMEngine
 from engine.runtime.sequence import Sequence
 from engine.runtime.stats import EngineStats
 from engine.sampling_params import SamplingParams
@@ -43,12 +42,7 @@ class _Abort:
 
 class AsyncLLM:
     def __init__(self, path: str | Path, **options: Any) -> None:
-        try:
-            opts = EngineOptions(**options)
-        except TypeError as exc:
-            raise InvalidRequestError(f"AsyncLLM: {exc}") from None
-        engine_dir, self._tmp = resolve_engine_dir(path, opts)
-        self.engine = LLMEngine(engine_dir, opts)
+        self.engine, self._tmp = open_engine(path, options, "AsyncLLM")
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._callbacks: dict[str, OutputCallback] = {}
         self._lock = threading.Lock()

@@ -38,6 +38,22 @@ def resolve_engine_dir(path: str | Path, options: EngineOptions) -> tuple[Path, 
     return Path(engine_dir), tmp
 
 
+def open_engine(path: str | Path, options: dict[str, Any], owner: str) -> tuple[LLMEngine, Any]:
+    """Parse run-time options and load (or first build) the engine. Returns (engine, handle of
+    a temporary engine dir to clean up, or None). Used by LLM and AsyncLLM."""
+    try:
+        opts = EngineOptions(**options)
+    except TypeError as exc:
+        raise InvalidRequestError(f"{owner}: {exc}") from None
+    engine_dir, tmp = resolve_engine_dir(path, opts)
+    try:
+        return LLMEngine(engine_dir, opts), tmp
+    except BaseException:
+        if tmp is not None:
+            tmp.cleanup()
+        raise
+
+
 class LLM:
     """Load an engine (or build one from a checkpoint) and generate for batches of prompts.
 
@@ -46,12 +62,7 @@ class LLM:
     """
 
     def __init__(self, path: str | Path, **options: Any) -> None:
-        try:
-            opts = EngineOptions(**options)
-        except TypeError as exc:
-            raise InvalidRequestError(f"LLM: {exc}") from None
-        engine_dir, self._tmp = resolve_engine_dir(path, opts)
-        self.engine = LLMEngine(engine_dir, opts)
+        self.engine, self._tmp = open_engine(path, options, "LLM")
         self._ids = itertools.count()
         if self._tmp is not None:
             weakref.finalize(self, self._tmp.cleanup)
