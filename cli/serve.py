@@ -38,8 +38,12 @@ def register(app: typer.Typer) -> None:
         )
         server = KilnServer(path, options)
         install_stop_signals(server)
-        with console.status("starting tritonserver and loading the model..."):
-            server.start()
+        try:
+            with console.status("starting tritonserver and loading the model..."):
+                server.start()
+        except KeyboardInterrupt:
+            console.print("interrupted while starting; everything it had started is stopped", style="yellow")
+            raise typer.Exit(130) from None
         try:
             ep = server.endpoints()
             console.print(f"[bold green]ready[/]: model [bold]{ep.model_name}[/]", highlight=False)

@@ -141,8 +141,9 @@ def log_excerpt(log_file: Path, lines: int = LOG_EXCERPT_LINES) -> str:
 _ERROR_RECORD = re.compile(r"^E\d{4} ")
 
 
-def _reap_group(process: subprocess.Popen[bytes], grace: float) -> int:
-    """SIGTERM a server's process group, wait `grace` s, SIGKILL what is left; the exit code."""
+def _reap_group(process: subprocess.Popen[bytes], grace: float, leftovers: tuple[Path | None, ...] = ()) -> int:
+    """SIGTERM a server's process group, wait `grace` s, SIGKILL what is left, remove the
+    `leftovers` paths; returns the server's exit code."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -156,7 +157,22 @@ def _reap_group(process: subprocess.Popen[bytes], grace: float) -> int:
         os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    return process.wait()
+    code = process.wait()
+    # Wait until the whole group is gone, so that no stub still writes into files the
+    # caller is about to remove (orphaned stubs are reaped by init).
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.02)
+    for path in leftovers:
+        if path is not None and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path is not None:
+            path.unlink(missing_ok=True)
+    return code
 
 
 class TritonServer:
@@ -260,7 +276,10 @@ class TritonServer:
             self._cleanup_files()
             raise TritonServerError(f"could not execute {binary}: {exc}") from None
         # If the owner never calls stop() (crash, forgotten), the server still goes at exit.
-        self._reaper = weakref.finalize(self, _reap_group, self.process, float(self.exit_timeout_secs + 10))
+        self._reaper = weakref.finalize(
+            self, _reap_group, self.process, float(self.exit_timeout_secs + 10),
+            (self._backend_dir, self.log_file if self._own_log else None),
+        )
         return self
 
     def wait_ready(self, timeout: float = DEFAULT_READY_TIMEOUT_S) -> None:

@@ -107,6 +107,8 @@ class KilnServer:
         self._tmp: Path | None = None
         self.repository: Path | None = None
         self._stop_requested = threading.Event()
+        self.ready = False
+        self.stopping = False
 
     def start(self) -> KilnServer:
         opts = self.options
@@ -131,6 +133,7 @@ class KilnServer:
         except BaseException:
             self.stop()
             raise
+        self.ready = True
         return self
 
     def endpoints(self) -> Endpoints:
@@ -161,6 +164,7 @@ class KilnServer:
 
     def stop(self) -> int | None:
         """Stop the gateway, then Triton; remove a temporary repository. Returns Triton's exit code."""
+        self.stopping = True
         code = None
         if self.gateway is not None:
             self.gateway.stop()
@@ -171,6 +175,8 @@ class KilnServer:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        self.ready = False
+        self.stopping = False
         return code
 
     def __enter__(self) -> KilnServer:
@@ -183,10 +189,16 @@ class KilnServer:
 
 
 def install_stop_signals(server: KilnServer) -> None:
-    """Turn SIGINT/SIGTERM of this process into `server.request_stop()` (call from the main thread)."""
+    """Turn SIGINT/SIGTERM of this process into `server.request_stop()` once it is ready, and
+    into KeyboardInterrupt while it is starting (call from the main thread)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         del frame
+        if server.stopping:
+            return  # a second Ctrl-C must not cut the cleanup short
+        if not server.ready:
+            # Still starting: unwind start(), which stops whatever it had started.
+            raise KeyboardInterrupt
         server.request_stop()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
