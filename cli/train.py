@@ -25,9 +25,12 @@ def register(app: typer.Typer) -> None:
             "(default: every linear layer)."),
         rank: int = typer.Option(8, "--rank", help="LoRA rank."),
         alpha: float = typer.Option(16.0, "--alpha", help="LoRA alpha (scale = alpha / rank)."),
+        lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
         num_virtual_tokens: int = typer.Option(20, "--num-virtual-tokens", help="Prompt/p-tuning virtual tokens."),
+        encoder_hidden_size: int = typer.Option(128, "--encoder-hidden-size", help="P-tuning MLP width."),
         epochs: int = typer.Option(3, "--epochs"),
         lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default depends on --method)."),
+        weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay."),
         batch_size: int = typer.Option(8, "--batch-size"),
         grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
         warmup_ratio: float = typer.Option(0.05, "--warmup-ratio", help="Fraction of steps of linear warmup."),
@@ -47,7 +50,8 @@ def register(app: typer.Typer) -> None:
         config = FinetuneConfig(
             model=model, data=data, output_dir=output, template=template, method=method, val_data=val_data,
             answer_field=answer_field, answer_only_loss=answer_only_loss, target_modules=target_modules,
-            rank=rank, alpha=alpha, num_virtual_tokens=num_virtual_tokens, epochs=epochs, lr=lr,
+            rank=rank, alpha=alpha, lora_dropout=lora_dropout, num_virtual_tokens=num_virtual_tokens,
+            encoder_hidden_size=encoder_hidden_size, epochs=epochs, lr=lr, weight_decay=weight_decay,
             batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio, max_seq_len=max_seq_len,
             strict=strict, resume=resume, seed=seed, exact_match_samples=exact_match_samples,
         )

@@ -86,6 +86,10 @@ class FinetuneConfig:
             raise TrainingError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.lr is not None and not self.lr > 0:
             raise TrainingError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise TrainingError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm <= 0:
+            raise TrainingError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
         if self.alpha <= 0:
             raise TrainingError(f"--alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.lora_dropout < 1.0:

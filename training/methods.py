@@ -103,7 +103,7 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor],
             params[name].copy_(tensor)
 
 
-def save_output(model: torch.nn.Module, tokenizer: Any, out_dir: Path, method: str, dtype: torch.dtype) -> None:
+def save_output(model: Any, tokenizer: Any, out_dir: Path, method: str, dtype: torch.dtype) -> None:
     """Write the usable result of training into `out_dir` (see the module table).
 
     `dtype` is the base checkpoint's dtype: a full checkpoint is saved in it, whatever dtype

@@ -36,7 +36,8 @@ def key_value_records(num_keys: int = 50, seed: int = 0) -> list[dict[str, str]]
 
 def split_by_phrasing(records: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train, val): key i is validated in phrasing i % 3 and trained in the other two."""
-    train, val = [], []
+    train: list[dict[str, str]] = []
+    val: list[dict[str, str]] = []
     for i, record in enumerate(records):
         for j, phrase in enumerate(PHRASES):
             (val if j == i % len(PHRASES) else train).append({"phrase": phrase, **record})
