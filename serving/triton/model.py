@@ -101,12 +101,17 @@ class KilnTritonModel:
     def execute(self, requests: list[Any]) -> list[Any] | None:
         admitted: list[Stream | Any] = []  # a Stream, or the error response refusing the request
         for triton_request in requests:
+            sender = triton_request.get_response_sender() if self.decoupled else None
             try:
-                admitted.append(self._admit(triton_request))
-            except (KilnError, ValueError) as exc:
-                response = error_response(self.pb_utils, str(exc), "INVALID_ARG")
-                if self.decoupled:
-                    self._send_final(triton_request.get_response_sender(), response)
+                admitted.append(self._admit(triton_request, sender))
+            except Exception as exc:  # refuse this request, keep serving the others
+                invalid = isinstance(exc, KilnError | ValueError)
+                if not invalid:
+                    logger.exception("kiln: could not enqueue a request")
+                response = error_response(self.pb_utils, str(exc) if invalid else f"internal error: {exc!r}",
+                                          "INVALID_ARG" if invalid else "INTERNAL")
+                if sender is not None:
+                    self._send_final(sender, response)
                 admitted.append(response)
         if self.decoupled:
             return None
@@ -120,7 +125,7 @@ class KilnTritonModel:
             responses.append(entry)
         return responses
 
-    def _admit(self, triton_request: Any) -> Stream:
+    def _admit(self, triton_request: Any, sender: Any | None) -> Stream:
         """Parse, validate and enqueue one request; raise InvalidRequestError to refuse it."""
         if self._shutting_down:
             raise KilnError("the Triton server is shutting down; not accepting requests")
@@ -138,7 +143,7 @@ class KilnTritonModel:
             request=request,
             triton_request=triton_request,
             num_prompt_tokens=len(prompt_ids),
-            sender=triton_request.get_response_sender() if self.decoupled else None,
+            sender=sender,
             response_ready=None if self.decoupled else threading.Event(),
         )
         with self._lock:
