@@ -51,7 +51,7 @@ def test_hf_checkpoint_comes_from_the_engine_source(bench_engine: Path, tiny_che
         resolve_checkpoint(OfflineBenchConfig(engine=str(bench_engine), hf_checkpoint="/nonexistent"), engine_cfg)
 
 
-def test_offline_cli_prints_the_table_and_bad_flags_are_one_line_errors(bench_engine: Path) -> None:
+def test_offline_cli_prints_the_table_and_the_ratio(bench_engine: Path) -> None:
     kiln = [sys.executable, "-m", "cli.main"]
     done = subprocess.run([*kiln, "bench", "offline", str(bench_engine), "--batch", "2", "--input-len", "8",
                            "--output-len", "4", "--backend", "kiln,hf", "--num-iters", "1", "--warmup", "0",
@@ -59,7 +59,3 @@ def test_offline_cli_prints_the_table_and_bad_flags_are_one_line_errors(bench_en
     assert done.returncode == 0, done.stderr
     assert "kiln / hf: " in done.stdout and "x output tok/s" in done.stdout
     assert "vllm" not in done.stdout  # not asked for
-    bad = subprocess.run([*kiln, "bench", "offline", str(bench_engine), "--backend", "kiln,tgi"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2
-    assert bad.stderr.strip().count("\n") == 0 and "--backend kiln,tgi" in bad.stderr

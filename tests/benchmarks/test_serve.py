@@ -117,7 +117,8 @@ def test_openai_backends_through_the_gateway(triton_server, bench_engine: Path) 
 KILN = [sys.executable, "-m", "cli.main"]
 
 
-def test_cli_writes_json_csv_and_plots(triton_server, bench_engine: Path, tmp_path: Path) -> None:
+def test_cli_writes_json_csv_and_plots(triton_server, bench_engine: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
     out, table, plots = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "plots"
     done = subprocess.run(
         [*KILN, "bench", "serve", "--backend", "triton-grpc", "--url", triton_server.grpc_url,
@@ -141,10 +142,8 @@ def test_cli_writes_json_csv_and_plots(triton_server, bench_engine: Path, tmp_pa
     assert len(table.read_text().strip().splitlines()) == 3
     assert sorted(p.name for p in plots.iterdir()) == ["latency_cdf.png", "throughput_vs_tpot_p99.png",
                                                        "throughput_vs_ttft_p99.png"]
-    compared = subprocess.run([*KILN, "bench", "compare", str(out), str(out)], capture_output=True, text=True,
-                              timeout=120)
-    assert compared.returncode == 0, compared.stderr
-    assert "1.00x" in compared.stdout
+    code, stdout, _ = kiln_in_process(["bench", "compare", str(out), str(out)], capsys)
+    assert code == 0 and "1.00x" in stdout
 
 
 def test_ctrl_c_stops_and_still_writes_what_was_measured(triton_server, bench_engine: Path, tmp_path: Path) -> None:
@@ -192,18 +191,39 @@ def scrape_finished(metrics_url: str) -> float:
     return total
 
 
-def test_bad_flags_are_one_line_errors(bench_engine: Path, tmp_path: Path) -> None:
+def kiln_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run the real `kiln` app (its one-line error handling included) in this process."""
+    from cli.errors import run_cli
+    from cli.main import app
+
+    try:
+        run_cli(app, argv)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bad_flags_are_one_line_errors(bench_engine: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         (["bench", "serve", "--tokenizer", str(tmp_path / "none")], "--tokenizer"),
         (["bench", "serve", "--tokenizer", str(bench_engine), "--backend", "tgi"], "--backend"),
         (["bench", "serve", "--tokenizer", str(bench_engine), "--request-rate", "fast"], "--request-rate"),
+        (["bench", "serve", "--tokenizer", str(bench_engine), "--max-concurrency", "0"], "--max-concurrency"),
         (["bench", "serve", "--tokenizer", str(bench_engine), "--slo", "ttft=3"], "--slo"),
+        (["bench", "serve", "--tokenizer", str(bench_engine), "--dataset", "sharegpt", "--dataset-path",
+          str(tmp_path / "missing.json")], "missing.json"),
         (["bench", "serve", "--tokenizer", str(bench_engine), "--url", "127.0.0.1:1", "--num-prompts", "2",
           "--input-len", "4", "--output-len", "2"], "127.0.0.1:1"),
+        (["bench", "serve", "--tokenizer", str(bench_engine), "--backend", "openai", "--url",
+          "http://127.0.0.1:1/v1", "--num-prompts", "2", "--input-len", "4", "--output-len", "2"], "127.0.0.1:1"),
         (["bench", "compare", str(tmp_path / "a.json")], "at least two"),
+        (["bench", "offline", str(bench_engine), "--backend", "kiln,tgi"], "--backend kiln,tgi"),
+        (["bench", "offline", str(tmp_path / "none")], "no such directory"),
     ]
     for argv, expected in cases:
-        done = subprocess.run([*KILN, *argv], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2, (argv, done.stderr)
-        assert done.stderr.startswith("error:") and done.stderr.strip().count("\n") == 0, done.stderr
-        assert expected in done.stderr
+        code, _, err = kiln_in_process(argv, capsys)
+        assert code == 2, (argv, err)
+        assert err.startswith("error:") and err.strip().count("\n") == 0, err
+        assert expected in err, err
