@@ -38,7 +38,7 @@ from benchmarks.environment import collect_environment, engine_config
 from benchmarks.errors import BenchmarkError
 from benchmarks.load import run_load, warm_up
 from benchmarks.metrics import compute_metrics, count_output_tokens
-from benchmarks.results import RunResult, ServeReport, rate_to_json
+from benchmarks.results import RunResult, ServeReport, format_rate, rate_to_json
 from benchmarks.server_metrics import difference, scrape_settled
 
 
@@ -145,7 +145,7 @@ async def _run_point(
     backend: Backend, config: ServeBenchConfig, requests: list[SampleRequest], tokenizer: Any,
     rate: float, concurrency: int | None, stop: asyncio.Event, progress: Progress,
 ) -> RunResult:
-    label = f"rate={'inf' if math.isinf(rate) else f'{rate:g}'}" + (f" conc={concurrency}" if concurrency else "")
+    label = f"rate={format_rate(rate)}" + (f" conc={concurrency}" if concurrency else "")
     task = progress.add_task(label, total=len(requests))
     before = await scrape_settled(config.metrics_url) if config.metrics_url else None
     result = await run_load(backend, requests, rate, config.burstiness, concurrency, config.seed,
