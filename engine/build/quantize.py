@@ -105,9 +105,13 @@ def quantize_with_modelopt(checkpoint_dir: str | Path, algo: str, calib: list[to
     model.eval()
     config = copy.deepcopy(getattr(mtq, MTQ_CONFIGS[algo]))
     if group_size is not None and algo.startswith("int4"):
-        cfg = config["quant_cfg"]["*weight_quantizer"]
-        for entry in cfg if isinstance(cfg, list) else [cfg]:
-            entry["block_sizes"] = {**entry["block_sizes"], -1: group_size}
+        quant_cfg = config["quant_cfg"]
+        entries = ([e["cfg"] for e in quant_cfg if e.get("quantizer_name") == "*weight_quantizer" and "cfg" in e]
+                   if isinstance(quant_cfg, list) else [quant_cfg["*weight_quantizer"]])
+        for entry in entries:
+            for cfg in entry if isinstance(entry, list) else [entry]:
+                if "block_sizes" in cfg:
+                    cfg["block_sizes"] = {**cfg["block_sizes"], -1: group_size}
 
     def forward_loop(m: Any) -> None:
         with torch.no_grad():
@@ -230,13 +234,16 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
     texts = read_texts(calib_file)
     budget = options.accuracy_budget or DEFAULT_BUDGETS[algo]
 
+    group_size = options.group_size
+    if algo == "int4_awq":
+        group_size = _int4_group_size(hf_config, group_size)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
     calib = calibration_batches(tokenizer, texts, options.calib_size)
     with tempfile.TemporaryDirectory(prefix="kiln-quant-", dir=out.parent if out.parent.exists() else None) as tmp:
         with console.status(f"[bold]ModelOpt {MTQ_CONFIGS[algo]}: calibrating on {len(calib)} samples"):
-            model = quantize_with_modelopt(checkpoint_dir, algo, calib, options.group_size)
+            model = quantize_with_modelopt(checkpoint_dir, algo, calib, group_size)
         export_dir = Path(options.export_hf) if options.export_hf else Path(tmp) / "modelopt"
         export_modelopt(model, checkpoint_dir, export_dir)
         del model
@@ -261,6 +268,24 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), str(out))
     return out
+
+
+def _int4_group_size(hf_config: dict[str, Any], requested: int | None) -> int:
+    """The int4 group: `requested`, else 128, else the largest of 64 / 32 that divides every
+    projection's input width (SmolLM2's hidden size 576 is not a multiple of 128)."""
+    widths = [int(hf_config.get("hidden_size", 0)), int(hf_config.get("intermediate_size", 0))]
+    heads, head_dim = hf_config.get("num_attention_heads"), hf_config.get("head_dim")
+    if heads and head_dim:
+        widths.append(int(heads) * int(head_dim))
+    if requested is not None:
+        bad = [w for w in widths if w % requested]
+        if bad:
+            raise BuildError(f"--group-size {requested} does not divide the model's projection width(s) {bad}")
+        return requested
+    for group in (128, 64, 32):
+        if all(w % group == 0 for w in widths):
+            return group
+    raise BuildError(f"no int4 group size (128, 64, 32) divides the model's projection widths {widths}")
 
 
 def _record(engine_dir: Path, gate: GateResult, calib_file: Path, num_samples: int, options: BuildOptions,
