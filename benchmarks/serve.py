@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import math
 import signal
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -141,6 +141,21 @@ def _sigint_sets(stop: asyncio.Event) -> Iterator[None]:
         loop.remove_signal_handler(signal.SIGINT)
 
 
+async def _unless_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Run `work` to its end, or cancel it as soon as `stop` is set (Ctrl-C during warm-up)."""
+    task = asyncio.ensure_future(work)
+    stop_wait = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.done() and not task.cancelled():
+        task.result()  # a failed test request raises its BenchmarkError here
+
+
 async def _run_point(
     backend: Backend, config: ServeBenchConfig, requests: list[SampleRequest], tokenizer: Any,
     rate: float, concurrency: int | None, stop: asyncio.Event, progress: Progress,
@@ -174,7 +189,7 @@ async def run_serve_benchmark(
         with _sigint_sets(stop):
             console.print(f"[bold]kiln bench serve[/] {config.backend} {config.url} model={config.model}: "
                           f"{len(requests)} prompts ({config.dataset}), warm-up {config.num_warmups}")
-            await warm_up(backend, requests[0], config.num_warmups, config.max_concurrencies[0])
+            await _unless_stopped(warm_up(backend, requests[0], config.num_warmups, config.max_concurrencies[0]), stop)
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=console, transient=False) as progress:
                 for rate, concurrency in config.points():

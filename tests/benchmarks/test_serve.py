@@ -227,3 +227,26 @@ def test_bad_flags_are_one_line_errors(bench_engine: Path, tmp_path: Path, capsy
         assert code == 2, (argv, err)
         assert err.startswith("error:") and err.strip().count("\n") == 0, err
         assert expected in err, err
+
+
+def test_ctrl_c_during_warm_up_returns_promptly(triton_server, bench_engine: Path) -> None:
+    import os
+    import threading
+
+    baseline = scrape_finished(triton_server.metrics_url)
+    sent_at: list[float] = []
+
+    def interrupt_once_warm_up_runs() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and scrape_finished(triton_server.metrics_url) < baseline + 2:
+            time.sleep(0.2)
+        sent_at.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)  # handled by the benchmark's loop, as Ctrl-C would be
+
+    watcher = threading.Thread(target=interrupt_once_warm_up_runs)
+    watcher.start()
+    report = run(config_for(triton_server, bench_engine, "triton-grpc", num_warmups=100_000, output_len=8,
+                            max_concurrencies=(2,)))
+    watcher.join()
+    assert report.runs == []
+    assert time.monotonic() - sent_at[0] < 10.0
