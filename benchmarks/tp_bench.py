@@ -79,7 +79,7 @@ def run(checkpoint: str, tp: int, num_prompts: int, prompt_len: int, decode_toke
             torch.set_num_threads(per_rank)
             os.environ["OMP_NUM_THREADS"] = str(per_rank)  # inherited by the workers
             try:
-                results["runs"][f"tp{n} x {per_rank} thread(s)"] = {
+                results["runs"][f"tp{n}-{per_rank}t"] = {
                     "threads_per_rank": per_rank, **_measure(dirs[n], prompts, decode_tokens)}
             finally:
                 torch.set_num_threads(threads)
