@@ -28,6 +28,7 @@ One tensor-parallel engine per process: `torch.distributed`'s default group and
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import pickle
@@ -36,7 +37,6 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 from datetime import timedelta
 from pathlib import Path
 
@@ -149,7 +149,7 @@ class TensorParallelExecutor:
                             collective_timeout)
         self._store.set(SETUP_KEY, pickle.dumps(setup))  # type: ignore[arg-type]  # bytes work; stub says str
         threads = max(1, (os.cpu_count() or 1) // local)
-        self._finalizer = weakref.finalize(self, self._workers.stop, 0.0)
+        atexit.register(self.close)  # an engine never closed still stops its workers cleanly at exit
         try:
             for rank in range(1, local):
                 self._workers.spawn(rank, tp, addr, self._store.port, threads)
@@ -201,6 +201,7 @@ class TensorParallelExecutor:
         if self._closed:
             return
         self._closed = True
+        atexit.unregister(self.close)
         if self._failure is None:
             try:
                 dist.broadcast_object_list([None], src=0, group=self._control)
@@ -268,6 +269,7 @@ class TensorParallelExecutor:
 
     def _teardown(self) -> None:
         self._closed = True
+        atexit.unregister(self.close)
         self._workers.stop()
         if dist.is_initialized():
             dist.destroy_process_group()
