@@ -16,11 +16,14 @@ tensor (Kiln name)                     rank r of N holds
 norms, q/k norms                       everything (replicated)
 =====================================  ==========================================================
 
-Rules apply to every tensor of a module, not only `.weight`: a bias or a per-output-channel
-quantization scale of a column-parallel layer is split along dim 0 the same way (its rows scaled
-by `rows / full_rows`, so packed or grouped layouts work too); a row-parallel layer's tensors
-are split along their last dim unless that dim is 1 (a per-output-channel scale, replicated);
-0-d and one-element tensors (per-tensor scales) are replicated.
+Rules apply to every tensor of a module, not only `.weight` (Kiln's quantized layouts,
+engine/quant/modelopt_format.py: weight (out, in) or INT4 (out, in/2) packed along the input,
+weight_scale (out,) or (out, in/group), pre_quant_scale (in,)):
+- column-parallel and vocab layers: weight, bias and weight_scale split along dim 0 like the
+  weight's rows (so (out, in/2) and (out, in/group) work too); pre_quant_scale replicated;
+- row-parallel layers: tensors split along their last dim (in, in/2, in/group), except 1-D
+  per-output-channel scales (out,), which are replicated; pre_quant_scale (in,) is split;
+- 0-d and one-element tensors (per-tensor scales such as input_scale) are replicated.
 """
 
 from __future__ import annotations
@@ -79,6 +82,12 @@ def shard_tensor(name: str, tensor: torch.Tensor, model: ModelConfig, tp_size: i
         raise ValueError(f"rank {rank} out of range for tp_size {tp_size}")
     if tensor.dim() == 0 or tensor.numel() == 1:
         return tensor.clone()
+    if name.endswith("pre_quant_scale"):  # (in,): scales the layer's input features
+        if not _ROW.match(name):
+            return tensor.clone()  # column-parallel and vocab layers see the whole input
+        if tensor.shape[-1] % tp_size:
+            raise BuildError(f"{name}: {tensor.shape[-1]} input features are not divisible by --tp {tp_size}")
+        return tensor.chunk(tp_size, dim=-1)[rank].contiguous()
     if _VOCAB.match(name):
         return _vocab_rows(tensor, model, tp_size, rank)
     if _QKV.match(name):
@@ -86,7 +95,7 @@ def shard_tensor(name: str, tensor: torch.Tensor, model: ModelConfig, tp_size: i
     if _GATE_UP.match(name):
         return _gate_up_rows(name, tensor, model, tp_size, rank)
     if _ROW.match(name):
-        if tensor.dim() < 2 or tensor.shape[-1] == 1:
+        if tensor.dim() < 2 or tensor.shape[-1] == 1:  # per-output-channel scale
             return tensor.clone()
         cols = tensor.shape[-1]
         if cols % tp_size:

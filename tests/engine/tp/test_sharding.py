@@ -66,6 +66,15 @@ def test_gate_up_row_parallel_vocab_and_replicated_rules() -> None:
     row_scale = torch.ones(4, 1)
     assert shard_tensor("layers.0.mlp.down_proj.weight_scale", row_scale, m, 2, 1).shape == (4, 1)
     assert shard_tensor("layers.0.mlp.down_proj.input_scale", torch.tensor(2.0), m, 2, 1).item() == 2.0
+    # Kiln's quantized layouts (engine/quant/modelopt_format.py): pre_quant_scale (in,) follows
+    # the input features: whole for column-parallel layers, split for row-parallel ones.
+    pqs = torch.arange(4, dtype=torch.float32)
+    assert shard_tensor("layers.0.mlp.gate_up_proj.pre_quant_scale", pqs, m, 2, 1).tolist() == [0, 1, 2, 3]
+    assert shard_tensor("layers.0.mlp.down_proj.pre_quant_scale", pqs, m, 2, 1).tolist() == [2, 3]
+    int4 = torch.arange(16, dtype=torch.uint8).reshape(4, 4)  # down_proj (out 4, in 8 packed to 4)
+    assert shard_tensor("layers.0.mlp.down_proj.weight", int4, m, 2, 0).tolist() == int4[:, :2].tolist()
+    group_scale = torch.arange(8, dtype=torch.float32).reshape(4, 2)  # (out, in / group)
+    assert shard_tensor("layers.0.mlp.down_proj.weight_scale", group_scale, m, 2, 1).tolist() == [[1], [3], [5], [7]]
 
 
 @pytest.mark.parametrize(
