@@ -67,7 +67,7 @@ class KilnTritonModel:
     def initialize(self, args: dict[str, Any]) -> None:
         import triton_python_backend_utils as pb_utils
 
-        from engine import AsyncLLM
+        from serving.backends import open_backend
 
         self.pb_utils = pb_utils
         model_config = json.loads(args["model_config"])
@@ -78,10 +78,11 @@ class KilnTritonModel:
         self.instance_name = args.get("model_instance_name", self.model_name)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(model_config)
         self.default_max_tokens = int(parameters.get("default_max_tokens", DEFAULT_MAX_TOKENS))
-        self.llm = AsyncLLM(parameters["engine_dir"])
+        # The backend (serving.backends: kiln = AsyncLLM, hf = transformers) written by kiln repo.
+        self.llm = open_backend(parameters.get("backend", "kiln"), parameters["engine_dir"])
         self.tokenizer = self.llm.tokenizer
-        self.max_seq_len = self.llm.config.build.max_seq_len
-        self.vocab_size = self.llm.config.model.vocab_size
+        self.max_seq_len = self.llm.max_seq_len
+        self.vocab_size = self.llm.vocab_size
         self.metrics = KilnMetrics(pb_utils, self.model_name, self.instance_name)
 
         self._streams: dict[str, Stream] = {}

@@ -6,6 +6,8 @@
         1/model.py              # a two-line shim importing serving.triton.model
 
 The engine is referenced by absolute path (config.pbtxt parameter `engine_dir`), not copied.
+`engine_dir` may also be a Hugging Face checkpoint: the `backend` parameter (chosen by
+`serving.backends.choose_backend`, with its `backend_reason`) says what serves it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import model_repo
-from engine.config import load_engine_config
+from engine.build.options import BuildOptions
+from engine.config import is_engine_dir, load_engine_config
 from engine.errors import KilnError
+from serving.backends import BackendChoice, choose_backend
 from serving.triton.request import DEFAULT_MAX_TOKENS, INPUTS, OUTPUTS, TensorSpec
 
 TEMPLATE_DIR = Path(model_repo.__file__).parent / "ensemble"
@@ -41,6 +45,7 @@ class RepoOptions:
     max_queue_delay_us: int = 0
     instance_count: int = 1
     default_max_tokens: int = DEFAULT_MAX_TOKENS
+    backend: str = "auto"  # auto | kiln | vllm | hf (serving.backends)
 
     def __post_init__(self) -> None:
         if not _MODEL_NAME.match(self.model_name):
@@ -67,13 +72,18 @@ def _render_tensor(spec: TensorSpec, with_optional: bool) -> str:
     return "  {\n" + "\n".join(lines) + "\n  }"
 
 
-def render_config(engine_dir: Path, options: RepoOptions) -> str:
-    """config.pbtxt for `engine_dir` (validated) with `options`."""
-    config = load_engine_config(engine_dir)
+def render_config(engine_dir: Path, options: RepoOptions, choice: BackendChoice | None = None) -> str:
+    """config.pbtxt for `engine_dir` (validated) with `options`, served by `choice` (default:
+    `choose_backend(engine_dir, options.backend)`)."""
+    choice = choice or choose_backend(engine_dir, options.backend)
+    if is_engine_dir(engine_dir):
+        max_batch_size = load_engine_config(engine_dir).build.max_batch_size
+    else:
+        max_batch_size = BuildOptions().max_batch_size
     template = string.Template((TEMPLATE_DIR / "config.pbtxt").read_text())
     return template.substitute(
         model_name=options.model_name,
-        max_batch_size=config.build.max_batch_size,
+        max_batch_size=max_batch_size,
         decoupled="true" if options.decoupled else "false",
         max_queue_delay_us=options.max_queue_delay_us,
         inputs=",\n".join(_render_tensor(spec, with_optional=True) for spec in INPUTS),
@@ -81,11 +91,15 @@ def render_config(engine_dir: Path, options: RepoOptions) -> str:
         instance_count=options.instance_count,
         engine_dir=_pbtxt_string(str(Path(engine_dir).resolve())),
         default_max_tokens=options.default_max_tokens,
+    ) + "".join(
+        f'parameters {{\n  key: "{key}"\n  value: {{ string_value: "{_pbtxt_string(value)}" }}\n}}\n'
+        for key, value in (("backend", choice.name), ("backend_reason", choice.reason))
     )
 
 
 def write_model_repository(
-    engine_dir: str | Path, output_dir: str | Path, options: RepoOptions | None = None, force: bool = False
+    engine_dir: str | Path, output_dir: str | Path, options: RepoOptions | None = None, force: bool = False,
+    choice: BackendChoice | None = None,
 ) -> Path:
     """Write (or, with `force`, replace) the model `options.model_name` under `output_dir`.
 
@@ -95,7 +109,7 @@ def write_model_repository(
     """
     options = options or RepoOptions()
     engine_dir = Path(engine_dir)
-    config_text = render_config(engine_dir, options)
+    config_text = render_config(engine_dir, options, choice)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise RepositoryError(f"-o {output_dir}: exists and is not a directory")
@@ -114,6 +128,13 @@ def find_models(repository: str | Path) -> list[str]:
     """Names of the models in a repository (subdirectories with a config.pbtxt)."""
     root = Path(repository)
     return sorted(p.parent.name for p in root.glob("*/config.pbtxt"))
+
+
+def read_backend(model_dir: str | Path) -> str:
+    """The backend a Kiln model directory names (config.pbtxt `backend`; "kiln" if absent)."""
+    text = (Path(model_dir) / "config.pbtxt").read_text()
+    match = re.search(r'key:\s*"backend"\s*value:\s*\{\s*string_value:\s*"([a-z]+)"', text)
+    return match.group(1) if match else "kiln"
 
 
 def read_engine_dir(model_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ from types import FrameType, TracebackType
 from typing import Any
 
 from engine.config import is_engine_dir, load_engine_config
+from serving.backends import BackendChoice, choose_backend
 from serving.triton.launcher import (
     DEFAULT_EXIT_TIMEOUT_SECS,
     DEFAULT_READY_TIMEOUT_S,
@@ -51,6 +52,7 @@ class ServeOptions:
     openai_port: int = 9000
     api_key: str | None = None
     log_file: Path | None = None
+    backend: str = "auto"  # for an engine or checkpoint PATH: auto | kiln | vllm | hf
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,19 @@ class Endpoints:
         )
 
 
-def resolve_repository(path: Path, options: ServeOptions) -> tuple[Path, Path | None]:
-    """(model repository, temporary dir to remove or None) for a repository or an engine dir."""
-    if is_engine_dir(path):
-        load_engine_config(path)  # a clear error for a broken engine before starting anything
+def resolve_repository(
+    path: Path, options: ServeOptions, choice: BackendChoice | None = None
+) -> tuple[Path, Path | None]:
+    """(model repository, temporary dir to remove or None) for a repository, an engine dir or a
+    Hugging Face checkpoint (served by `choice`, default `choose_backend(path, options.backend)`)."""
+    if is_engine_dir(path) or (path / "config.json").is_file():  # an engine or a checkpoint
+        if is_engine_dir(path):
+            load_engine_config(path)  # a clear error for a broken engine before starting anything
         tmp = Path(tempfile.mkdtemp(prefix="kiln-repo-"))
         try:
             write_model_repository(
-                path, tmp, RepoOptions(model_name=options.model_name, instance_count=options.instance_count)
+                path, tmp, RepoOptions(model_name=options.model_name, instance_count=options.instance_count),
+                choice=choice or choose_backend(path, options.backend),
             )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -99,9 +106,10 @@ def resolve_repository(path: Path, options: ServeOptions) -> tuple[Path, Path | 
 class KilnServer:
     """Triton plus, unless `options.openai` is False, the OpenAI gateway in this process."""
 
-    def __init__(self, path: Path, options: ServeOptions | None = None) -> None:
+    def __init__(self, path: Path, options: ServeOptions | None = None, choice: BackendChoice | None = None) -> None:
         self.path = Path(path)
         self.options = options or ServeOptions()
+        self.choice = choice
         self.triton: TritonServer | None = None
         self.gateway: Any | None = None
         self._tmp: Path | None = None
@@ -112,7 +120,7 @@ class KilnServer:
 
     def start(self) -> KilnServer:
         opts = self.options
-        repository, self._tmp = resolve_repository(self.path, opts)
+        repository, self._tmp = resolve_repository(self.path, opts, self.choice)
         self.repository = repository
         try:
             self.triton = TritonServer(
@@ -122,12 +130,12 @@ class KilnServer:
             self.triton.start()
             self.triton.wait_ready(opts.ready_timeout_s)
             if opts.openai:
-                from serving.openai.runner import GatewayServer
+                from serving.openai.runner import GatewayServer, resolve_max_seq_len
 
-                engine_dir = read_engine_dir(repository / opts.model_name)
+                engine_dir = read_engine_dir(repository / opts.model_name)  # or a checkpoint (hf backend)
                 self.gateway = GatewayServer(
                     self.triton.grpc_url, opts.model_name, engine_dir, host=opts.host, port=opts.openai_port,
-                    api_key=opts.api_key, max_seq_len=load_engine_config(engine_dir).build.max_seq_len,
+                    api_key=opts.api_key, max_seq_len=resolve_max_seq_len(engine_dir, None),
                 )
                 self.gateway.start()
         except BaseException:
