@@ -10,7 +10,8 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("serve")
     def serve(
-        path: Path = typer.Argument(..., help="Model repository (kiln repo) or engine directory."),
+        path: Path = typer.Argument(
+            ..., help="Model repository (kiln repo), engine directory or Hugging Face checkpoint directory."),
         host: str = typer.Option("127.0.0.1", "--host", help="Address every endpoint binds."),
         http_port: int = typer.Option(8000, "--http-port"),
         grpc_port: int = typer.Option(8001, "--grpc-port"),
@@ -24,19 +25,28 @@ def register(app: typer.Typer) -> None:
         api_key: str | None = typer.Option(None, "--api-key", envvar="KILN_API_KEY",
                                            help="Bearer key the OpenAI API requires."),
         log_file: Path | None = typer.Option(None, "--log-file", help="Write Triton's log here (default: temp, removed)."),
+        backend: str = typer.Option(
+            "auto", "--backend",
+            help="For an engine/checkpoint PATH: auto|kiln|vllm|hf (auto = kiln for engines and Kiln "
+                 "architectures, else vllm if installed, else hf)."),
     ) -> None:
         """Start tritonserver, wait until the model is ready, print the endpoints; Ctrl-C stops everything."""
         from rich.console import Console
 
+        from serving.backends import choose_backend
         from serving.triton.serve import KilnServer, ServeOptions, install_stop_signals
 
         console = Console()
+        choice = None
+        if (path / "config.json").is_file():  # an engine or checkpoint, not a repository
+            choice = choose_backend(path, backend)
+            console.print(f"backend: [bold]{choice.name}[/] ({choice.reason})", highlight=False)
         options = ServeOptions(
             host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
             model_name=model_name, instance_count=instance_count, exit_timeout_secs=exit_timeout_secs,
-            openai=openai, openai_port=openai_port, api_key=api_key, log_file=log_file,
+            openai=openai, openai_port=openai_port, api_key=api_key, log_file=log_file, backend=backend,
         )
-        server = KilnServer(path, options)
+        server = KilnServer(path, options, choice)
         install_stop_signals(server)
         try:
             with console.status("starting tritonserver and loading the model..."):
