@@ -9,6 +9,12 @@ import typer
 from rich.console import Console
 
 
+def _stdout_console() -> Console:
+    """Tables at full width even when stdout is a file or pipe (rich would cut them at 80 columns)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=200)
+
+
 def register(app: typer.Typer) -> None:
     bench = typer.Typer(help="Benchmark a server (serve), the engine in-process (offline), or compare results.",
                         no_args_is_help=True)
@@ -51,7 +57,7 @@ def register(app: typer.Typer) -> None:
         from benchmarks.report import print_serve_report, write_csv
         from benchmarks.serve import ServeBenchConfig, default_url, parse_sweep, run_serve_benchmark
 
-        console = Console()
+        console = _stdout_console()
         concurrencies = [int(c) for c in parse_sweep(max_concurrency, "--max-concurrency", False)] \
             if max_concurrency else [None]
         config = ServeBenchConfig(
@@ -108,7 +114,7 @@ def register(app: typer.Typer) -> None:
             num_iters=num_iters, warmup=warmup, threads=threads, seed=seed, measure_bandwidth=bandwidth,
         )
         report = run_offline_benchmark(config, console=Console(stderr=True))
-        console = Console()
+        console = _stdout_console()
         console.print(offline_table(report))
         for line in summary_lines(report):
             console.print(line, highlight=False)
@@ -126,4 +132,4 @@ def register(app: typer.Typer) -> None:
 
         if len(results) < 2:
             raise BenchmarkError("kiln bench compare needs at least two result files")
-        Console().print(compare_table(results))
+        _stdout_console().print(compare_table(results))
