@@ -3,8 +3,7 @@
     choice = choose_backend(path, "auto")      # BackendChoice(name, reason)
     backend = open_backend(choice.name, path)  # add_request / abort / stats / shutdown
 
-Registry: `kiln` (Kiln's engine), `hf` (transformers). `vllm` is a recognised name whose
-backend is not implemented yet: choosing it is a BackendError.
+Registry: `kiln` (Kiln's engine), `vllm` (vLLM's server in its own venv), `hf` (transformers).
 """
 
 from __future__ import annotations
@@ -23,13 +22,19 @@ def _open_kiln(path: Path) -> Backend:
     return KilnBackend(path)
 
 
+def _open_vllm(path: Path) -> Backend:
+    from serving.backends.vllm import VllmBackend
+
+    return VllmBackend(path)
+
+
 def _open_hf(path: Path) -> Backend:
     from serving.backends.hf import HFBackend
 
     return HFBackend(path)
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"kiln": _open_kiln, "hf": _open_hf}
+BACKENDS: dict[str, Callable[[Path], Backend]] = {"kiln": _open_kiln, "vllm": _open_vllm, "hf": _open_hf}
 
 
 def open_backend(name: str, path: str | Path, **_: Any) -> Backend:

@@ -1,24 +1,21 @@
 """`--backend auto|kiln|vllm|hf`: which backend serves a path, and why.
 
 auto: `kiln` for a Kiln engine, a .gguf file, or a checkpoint whose architecture Kiln builds
-(`engine.build.transforms.HF_ARCHITECTURES`); else `vllm` when it is importable here and
-knows the architecture; else `hf` when transformers knows it. An explicit choice that
+(`engine.build.transforms.HF_ARCHITECTURES`); else `vllm` when its environment is installed
+(`make vllm` -> .venv-vllm, or $KILN_VLLM_PYTHON; "" turns vLLM off) and registers the
+architecture; else `hf` when transformers knows it. An explicit choice that
 cannot run the model is a BackendError naming the reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from engine.config import is_engine_dir
 from engine.errors import EngineLoadError
 from serving.backends.base import CHOICES, BackendChoice, BackendError
-
-# The vllm backend (vLLM's AsyncLLM inside the Triton model) is not written yet; until it
-# is, `auto` never picks it and `--backend vllm` says so.
-VLLM_BACKEND_IMPLEMENTED = False
 
 
 def checkpoint_architecture(path: Path) -> str:
@@ -34,16 +31,24 @@ def checkpoint_architecture(path: Path) -> str:
 
 
 def vllm_supports(architecture: str) -> tuple[bool, str]:
-    """(True, "") when vLLM is importable in this environment and registers `architecture`."""
-    if not VLLM_BACKEND_IMPLEMENTED:
-        return False, "Kiln's vllm backend is not implemented yet"
-    if importlib.util.find_spec("vllm") is None:
-        return False, "vLLM is not installed in this environment"
-    from vllm import ModelRegistry  # type: ignore[import-not-found]
+    """(True, "") when vLLM is installed (`make vllm`, or $KILN_VLLM_PYTHON) and registers `architecture`."""
+    from serving.backends.vllm import vllm_architectures, vllm_python
 
-    if architecture not in ModelRegistry.get_supported_archs():
+    python = vllm_python()
+    if python is None:
+        return False, "vLLM is not installed (make vllm)"
+    if architecture not in _cached_architectures(python, vllm_architectures):
         return False, f"vLLM does not support {architecture}"
     return True, ""
+
+
+_ARCHS: dict[Path, frozenset[str]] = {}
+
+
+def _cached_architectures(python: Path, query: Callable[[Path], frozenset[str]]) -> frozenset[str]:
+    if python not in _ARCHS:
+        _ARCHS[python] = query(python)
+    return _ARCHS[python]
 
 
 def transformers_supports(architecture: str) -> bool:
