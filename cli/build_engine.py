@@ -66,6 +66,13 @@ def build(
     export_hf: Annotated[
         str | None, typer.Option(help="Also keep ModelOpt's unified HF checkpoint (hf_quant_config.json) here.")
     ] = None,
+    lora: Annotated[
+        list[str] | None, typer.Option(help="PEFT LoRA adapter dir to merge before building (repeatable).")
+    ] = None,
+    prompt_table: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME=ADAPTER: serve a PEFT prompt-tuning/p-tuning adapter as task NAME (repeatable)."),
+    ] = None,
 ) -> None:
     """Build an engine and print where it is, with its parameter count, size and build time."""
     from engine.errors import BuildError
@@ -73,7 +80,15 @@ def build(
     chosen = [name for name, on in (("fp8", fp8), ("int8_wo", int8), ("int4_awq", int4_awq), ("w8a8_sq", w8a8)) if on]
     if len(chosen) > 1:
         raise BuildError("--fp8, --int8, --int4-awq and --w8a8 are mutually exclusive; choose one")
+    tables = []
+    for entry in prompt_table or []:
+        name, sep, adapter = entry.partition("=")
+        if not sep or not name or not adapter:
+            raise BuildError(f"--prompt-table {entry!r}: expected NAME=ADAPTER_DIR")
+        tables.append((name, adapter))
     options = _options(
+        lora=tuple(lora or ()),
+        prompt_tables=tuple(tables),
         quantization=chosen[0] if chosen else "none",
         kv_cache_dtype=kv_cache_dtype,
         group_size=group_size,

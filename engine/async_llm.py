@@ -61,12 +61,12 @@ class AsyncLLM:
 
     # ---- thread-safe API -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    callback: OutputCallback) -> None:
+                    callback: OutputCallback, task: str | None = None) -> None:
         """Validate and enqueue a request (raises InvalidRequestError at once on bad input).
         `callback` runs on the engine thread for every output, the last one finished."""
         if self._stopped.is_set():
             raise RuntimeError("AsyncLLM is shut down")
-        seq = self.engine.make_sequence(request_id, prompt, params)
+        seq = self.engine.make_sequence(request_id, prompt, params, task=task)
         with self._lock:
             if request_id in self._callbacks:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use")
@@ -85,15 +85,15 @@ class AsyncLLM:
         with self._lock:
             return len(self._callbacks)
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str,
+                       task: str | None = None) -> AsyncIterator[RequestOutput]:
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
 
         def on_output(out: RequestOutput) -> None:
             loop.call_soon_threadsafe(outputs.put_nowait, out)
 
-        self.add_request(request_id, prompt, params, on_output)
+        self.add_request(request_id, prompt, params, on_output, task)
         finished = False
         try:
             while not finished:

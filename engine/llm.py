@@ -80,7 +80,9 @@ class LLM:
         prompts: str | list[int] | SequenceABC[str] | SequenceABC[list[int]],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         progress: bool = False,
+        tasks: str | SequenceABC[str | None] | None = None,
     ) -> list[RequestOutput]:
+        """`tasks`: a prompt-tuned task of the engine for all prompts, or one (or None) per prompt."""
         prompt_list: list[Any]
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompt_list = [prompts]
@@ -96,10 +98,15 @@ class LLM:
                 raise InvalidRequestError(
                     f"got {len(params_list)} sampling params for {len(prompt_list)} prompts"
                 )
+        task_list: list[str | None] = (
+            [tasks] * len(prompt_list) if tasks is None or isinstance(tasks, str) else list(tasks)
+        )
+        if len(task_list) != len(prompt_list):
+            raise InvalidRequestError(f"got {len(task_list)} tasks for {len(prompt_list)} prompts")
         order: dict[str, int] = {}
-        for i, (prompt, params) in enumerate(zip(prompt_list, params_list, strict=True)):
+        for i, (prompt, params, task) in enumerate(zip(prompt_list, params_list, task_list, strict=True)):
             request_id = f"llm-{next(self._ids)}"
-            self.engine.add_request(request_id, prompt, params)  # type: ignore[arg-type]
+            self.engine.add_request(request_id, prompt, params, task=task)
             order[request_id] = i
         results: list[RequestOutput | None] = [None] * len(prompt_list)
         bar = _progress(len(prompt_list)) if progress else None

@@ -30,6 +30,7 @@ import torch
 from engine.build.checkpoint import HFCheckpoint, read_json, sha256_file
 from engine.build.lora import MERGE_RECORD
 from engine.build.options import BuildOptions
+from engine.build.prompt_table import write_prompt_table
 from engine.build.sharding import check_tp_split, shard_tensor
 from engine.build.transforms import iter_kiln_tensors, model_config_from_hf, plan
 from engine.build.writer import SafetensorsWriter
@@ -73,6 +74,41 @@ def build_engine(
         raise CheckpointError(f"{checkpoint}: no such file or directory")
     if output_dir is not None:
         _check_output(Path(output_dir))  # before a possibly long GGUF conversion
+    if options.lora:
+        return _build_with_lora(checkpoint, output_dir, options, progress)
+    out = _build_any(checkpoint, output_dir, options, progress, start)
+    if options.prompt_tables:
+        write_prompt_table(out, options.prompt_tables)
+    return out
+
+
+def _build_with_lora(checkpoint: Path, output_dir: str | Path | None, options: BuildOptions, progress: bool) -> Path:
+    """Merge the LoRA adapters into a temporary checkpoint (engine/build/lora.py), then build it
+    under the base checkpoint's name."""
+    import tempfile
+
+    from engine.build.lora import merge_lora
+
+    if not checkpoint.is_dir():
+        raise BuildError(f"--lora needs a Hugging Face checkpoint directory as the base, got {checkpoint}")
+    with tempfile.TemporaryDirectory(prefix="kiln-lora-") as tmp:
+        merged = checkpoint
+        for i, adapter in enumerate(options.lora):
+            merged = merge_lora(merged, Path(adapter), Path(tmp) / f"merged{i}")
+        named = Path(tmp) / checkpoint.resolve().name
+        merged.rename(named)
+        if output_dir is None:
+            output_dir = Path.cwd() / "engines" / f"{named.name}-lora-{_resolve_dtype_name(named, options)}-tp{options.tp_size}"
+        return build_engine(named, output_dir, replace(options, lora=()), progress)
+
+
+def _resolve_dtype_name(checkpoint_dir: Path, options: BuildOptions) -> str:
+    config = read_json(checkpoint_dir / "config.json") or {}
+    return _resolve_dtype(options.dtype, config)
+
+
+def _build_any(checkpoint: Path, output_dir: str | Path | None, options: BuildOptions, progress: bool,
+               start: float) -> Path:
     if checkpoint.is_file() and checkpoint.suffix == ".gguf":
         from engine.build.gguf import gguf_as_hf_checkpoint
 

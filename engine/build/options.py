@@ -29,6 +29,10 @@ class BuildOptions:
     accuracy_budget: float | None = None
     force: bool = False
     export_hf: str | None = None
+    # LoRA adapters (PEFT) merged into the checkpoint before anything else, in order.
+    lora: tuple[str, ...] = ()
+    # Prompt-tuned tasks served by the engine: (task name, PEFT prompt-tuning/p-tuning adapter dir).
+    prompt_tables: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in DTYPES:

@@ -115,10 +115,15 @@ class LlamaForCausalLM(nn.Module):
         self.rope = rope  # registered once; layers share it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                meta: AttentionMetadata, kv_scales: torch.Tensor | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, kv_scales: torch.Tensor | None = None,
+                embed_override: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """input_ids, positions: (T,); kv_caches: (layers, 2, num_blocks, block_size, nkv, hd) -> (T, H).
-        kv_scales: (layers, 2, num_blocks, block_size, nkv) for an int8/fp8 cache, else None."""
+        kv_scales: (layers, 2, num_blocks, block_size, nkv) for an int8/fp8 cache, else None.
+        embed_override: (rows (N,), embeddings (N, H)) replacing those rows' token embeddings
+        (virtual tokens of prompt-tuned tasks)."""
         hidden = self.embed_tokens(input_ids)
+        if embed_override is not None:
+            hidden = hidden.index_copy(0, embed_override[0], embed_override[1].to(hidden.dtype))
         if kv_scales is None:
             for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
                 hidden = layer(positions, hidden, kv_cache, meta)

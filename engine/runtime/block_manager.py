@@ -69,7 +69,7 @@ class BlockManager:
             return []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         hits: list[int] = []
-        prev_hash: int | None = None
+        prev_hash: int | None = seq.cache_salt
         for i in range(max_blocks):
             tokens = tuple(seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
             h = chain_hash(prev_hash, tokens)
@@ -96,7 +96,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = seq.num_computed_tokens // self.block_size
-        prev_hash: int | None = None
+        prev_hash: int | None = seq.cache_salt
         for i in range(num_full):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is not None:

@@ -23,6 +23,7 @@ from engine.runtime.sampler import Sampler
 from engine.runtime.scheduler import ScheduledSequence, Scheduler, SchedulerConfig
 from engine.runtime.sequence import Sequence, SequenceStatus
 from engine.runtime.stats import EngineStats
+from engine.runtime.weights import load_prompt_table
 from engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -79,6 +80,8 @@ class LLMEngine:
         self.engine_dir = Path(engine_dir)
         self.options = options
         self.config = _apply_overrides(load_engine_config(engine_dir), options)
+        # Prompt-tuned tasks: {task: number of virtual tokens}
+        self.prompt_tasks = {name: t.shape[0] for name, t in load_prompt_table(engine_dir, self.config.model).items()}
         self.tokenizer = load_tokenizer(engine_dir)
         build = self.config.build
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -129,8 +132,15 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------
     def make_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                      arrival_time: float | None = None) -> Sequence:
-        """Tokenize and validate a request without touching engine state (thread-safe)."""
+                      arrival_time: float | None = None, task: str | None = None) -> Sequence:
+        """Tokenize and validate a request without touching engine state (thread-safe).
+        `task` selects a prompt-tuned task of the engine (its virtual tokens precede the prompt)."""
+        num_virtual = 0
+        if task is not None:
+            if task not in self.prompt_tasks:
+                known = ", ".join(sorted(self.prompt_tasks)) or "none (build with --prompt-table NAME=ADAPTER)"
+                raise InvalidRequestError(f"unknown task {task!r}; this engine's tasks: {known}")
+            num_virtual = self.prompt_tasks[task]
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty")
@@ -144,19 +154,20 @@ class LLMEngine:
                 raise InvalidRequestError(f"prompt token ids out of range [0, {vocab}): {bad[:5]}")
         if not token_ids:
             raise InvalidRequestError("prompt is empty (no tokens)")
-        max_seq_len = self.config.build.max_seq_len
+        max_seq_len = self.config.build.max_seq_len - num_virtual
         if len(token_ids) >= max_seq_len:
             raise InvalidRequestError(
                 f"prompt has {len(token_ids)} tokens but this engine's max_seq_len is {max_seq_len} "
                 f"(prompt must be at most {max_seq_len - 1} tokens)"
             )
-        total = min(len(token_ids) + params.max_tokens, max_seq_len)
+        total = min(num_virtual + len(token_ids) + params.max_tokens, self.config.build.max_seq_len)
         if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
             raise InvalidRequestError(
                 f"request needs {total} tokens of KV cache but the pool holds only "
                 f"{self.block_manager.num_blocks * self.block_manager.block_size}"
             )
-        seq = Sequence(request_id, token_ids, params, prompt=text, arrival_time=arrival_time)
+        seq = Sequence(request_id, token_ids, params, prompt=text, arrival_time=arrival_time, task=task,
+                       num_virtual_tokens=num_virtual)
         seq.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         return seq
 
@@ -181,8 +192,8 @@ class LLMEngine:
         self._total_prompt_tokens += seq.num_prompt_tokens
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
-        self.add_sequence(self.make_sequence(request_id, prompt, params or SamplingParams(), arrival_time))
+                    arrival_time: float | None = None, task: str | None = None) -> None:
+        self.add_sequence(self.make_sequence(request_id, prompt, params or SamplingParams(), arrival_time, task))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its KV blocks. Returns its final output (None if unknown)."""

@@ -4,7 +4,7 @@ cache, runs attention over block tables, and returns logits for the sequences th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,7 +16,7 @@ from engine.model.llama import LlamaForCausalLM
 from engine.quant.kv_cache import kv_storage
 from engine.quant.methods import process_weights_after_loading
 from engine.runtime.scheduler import ScheduledSequence
-from engine.runtime.weights import load_rank_weights
+from engine.runtime.weights import load_prompt_table, load_rank_weights
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class StepBatch:
     decode_context_lens: list[int]
     sample_rows: list[int]  # token rows whose logits are sampled
     all_logits: bool = False
+    # (token row, task, virtual position): rows embedded from the prompt table, not embed_tokens
+    virtual_rows: list[tuple[int, str, int]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -69,6 +71,10 @@ class ModelRunner:
             self.model = LlamaForCausalLM(cfg, dtype, max_positions=config.build.max_seq_len,
                                           quant=config.build.quantization)
         load_rank_weights(self.model, engine_dir, rank)
+        # Virtual-token embeddings of prompt-tuned tasks: {task: (V, H)}, on every rank.
+        self.prompt_table = {
+            name: table.to(device=device, dtype=dtype) for name, table in load_prompt_table(engine_dir, cfg).items()
+        }
         self.model.to(device)
         process_weights_after_loading(self.model)  # quantized layers: kernel layouts (no-op otherwise)
         self.model.eval()
@@ -111,11 +117,15 @@ class ModelRunner:
         chunks: list[tuple[int, int, int, list[int] | None]] = []
         sample_rows: list[int] = []
         sampling: list[ScheduledSequence] = []
+        virtual_rows: list[tuple[int, str, int]] = []
         for s in decodes + prefills:
             seq = s.seq
             start = seq.num_computed_tokens
             end = start + s.num_new_tokens
             token_start = len(input_ids)
+            if seq.task is not None and start < seq.num_virtual_tokens:
+                virtual_rows.extend((len(input_ids) + p - start, seq.task, p)
+                                    for p in range(start, min(end, seq.num_virtual_tokens)))
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
@@ -129,7 +139,7 @@ class ModelRunner:
             input_ids=input_ids, positions=positions, slot_mapping=slot_mapping, prefill_chunks=chunks,
             decode_tables=[list(s.seq.block_table) for s in decodes],
             decode_context_lens=[s.seq.num_computed_tokens + 1 for s in decodes],
-            sample_rows=sample_rows, all_logits=all_logits,
+            sample_rows=sample_rows, all_logits=all_logits, virtual_rows=virtual_rows,
         )
         return batch, sampling
 
@@ -162,7 +172,12 @@ class ModelRunner:
         )
         ids = torch.tensor(batch.input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(batch.positions, dtype=torch.long, device=dev)
-        hidden = self.model(ids, pos, self.kv_caches, meta, self.kv_scales)  # (T, H)
+        override = None
+        if batch.virtual_rows:
+            rows_idx = torch.tensor([r for r, _, _ in batch.virtual_rows], dtype=torch.long, device=dev)
+            embeds = torch.stack([self.prompt_table[task][p] for _, task, p in batch.virtual_rows])  # (N, H)
+            override = (rows_idx, embeds)
+        hidden = self.model(ids, pos, self.kv_caches, meta, self.kv_scales, override)  # (T, H)
         if batch.all_logits:
             return self.model.compute_logits(hidden)
         if not batch.sample_rows:

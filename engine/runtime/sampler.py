@@ -76,7 +76,7 @@ class Sampler:
             if not prefix or (len(output) >= len(prefix) and output[-len(prefix):] == prefix):
                 row_logits[last] = NEG_INF
         if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
+            seen = torch.tensor(sorted(set(seq.real_token_ids)), dtype=torch.long, device=logits.device)
             values = row_logits[seen]
             p = params.repetition_penalty
             row_logits[seen] = torch.where(values > 0, values / p, values * p)

@@ -47,11 +47,17 @@ class Sequence:
         params: SamplingParams,
         prompt: str | None = None,
         arrival_time: float | None = None,
+        task: str | None = None,
+        num_virtual_tokens: int = 0,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
-        self.token_ids = list(prompt_token_ids)
+        # A prompt-tuned task's virtual tokens come first (positions 0..V-1); their ids are
+        # placeholders, the model runner embeds them from the engine's prompt table.
+        self.task = task
+        self.num_virtual_tokens = num_virtual_tokens
+        self.token_ids = [0] * num_virtual_tokens + list(prompt_token_ids)
         self.params = params
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
@@ -78,11 +84,21 @@ class Sequence:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - len(self.prompt_token_ids)
+        return len(self.token_ids) - self.num_virtual_tokens - len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids):]
+        return self.token_ids[self.num_virtual_tokens + len(self.prompt_token_ids):]
+
+    @property
+    def real_token_ids(self) -> list[int]:
+        """Prompt and output tokens, without virtual-token placeholders."""
+        return self.token_ids[self.num_virtual_tokens:]
+
+    @property
+    def cache_salt(self) -> int | None:
+        """Seeds the prefix-cache hash chain: equal token ids under different tasks differ."""
+        return hash(("task", self.task)) if self.task is not None else None
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -8,7 +8,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from engine.config import ModelConfig
 from engine.errors import EngineLoadError
+
+PROMPT_TABLE_FILE = "prompt_table.safetensors"
 
 
 def rank_file(engine_dir: str | Path, rank: int) -> Path:
@@ -48,3 +51,25 @@ def load_rank_weights(model: nn.Module, engine_dir: str | Path, rank: int) -> No
                     param.copy_(tensor)
     except SafetensorError as exc:
         raise EngineLoadError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
+def load_prompt_table(engine_dir: str | Path, model: ModelConfig) -> dict[str, torch.Tensor]:
+    """Virtual-token embeddings of the engine's prompt-tuned tasks: {task: (V, hidden)}.
+    Empty when the engine has no `prompt_table.safetensors`."""
+    path = Path(engine_dir) / PROMPT_TABLE_FILE
+    if not path.is_file():
+        return {}
+    table: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if tensor.dim() != 2 or tensor.shape[1] != model.hidden_size or tensor.shape[0] == 0:
+                    raise EngineLoadError(
+                        f"{path}: task {name!r} has shape {tuple(tensor.shape)}, expected (num_virtual_tokens, "
+                        f"{model.hidden_size})"
+                    )
+                table[name] = tensor
+    except SafetensorError as exc:
+        raise EngineLoadError(f"{path}: not a valid safetensors file ({exc})") from None
+    return table
