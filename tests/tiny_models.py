@@ -138,3 +138,19 @@ def make_checkpoint(kind: str, out_dir: str | Path, seed: int = 0, **overrides: 
     model.save_pretrained(out, safe_serialization=True)
     (out / "kiln_tiny_kind.json").write_text(json.dumps({"kind": kind, "seed": seed}))
     return out
+
+
+def make_prompt_adapter(checkpoint: str | Path, out_dir: str | Path, num_virtual_tokens: int, seed: int) -> Any:
+    """Save a PEFT prompt-tuning adapter with a random (non-default) table; return the PEFT model."""
+    import torch
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    config = PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual_tokens)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
+    peft_model.save_pretrained(out_dir)
+    return peft_model.eval()

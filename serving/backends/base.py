@@ -45,8 +45,9 @@ class Backend(Protocol):
     vocab_size: int
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    callback: OutputCallback) -> None:
-        """Validate and enqueue; raise InvalidRequestError at once for bad input."""
+                    callback: OutputCallback, task: str | None = None) -> None:
+        """Validate and enqueue; raise InvalidRequestError at once for bad input. `task` names a
+        prompt-tuned task (only engines built with --prompt-table have any)."""
         ...
 
     def abort(self, request_id: str) -> None: ...

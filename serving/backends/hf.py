@@ -81,7 +81,9 @@ class HFBackend:
 
     # ---- thread-safe API -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    callback: OutputCallback) -> None:
+                    callback: OutputCallback, task: str | None = None) -> None:
+        if task is not None:
+            raise InvalidRequestError("prompt-tuned tasks (task_name) are served by the kiln backend only")
         if self._stopped.is_set():
             raise RuntimeError("the hf backend is shut down")
         prompt_ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)

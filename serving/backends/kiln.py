@@ -24,8 +24,8 @@ class KilnBackend:
         self.vocab_size = self.llm.config.model.vocab_size
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    callback: OutputCallback) -> None:
-        self.llm.add_request(request_id, prompt, params, callback)
+                    callback: OutputCallback, task: str | None = None) -> None:
+        self.llm.add_request(request_id, prompt, params, callback, task)
 
     def abort(self, request_id: str) -> None:
         self.llm.abort(request_id)

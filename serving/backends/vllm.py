@@ -133,7 +133,9 @@ class VllmBackend:
 
     # ---- thread-safe API -----------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    callback: OutputCallback) -> None:
+                    callback: OutputCallback, task: str | None = None) -> None:
+        if task is not None:
+            raise InvalidRequestError("prompt-tuned tasks (task_name) are served by the kiln backend only")
         if self._stopped:
             raise RuntimeError("the vllm backend is shut down")
         prompt_ids = list(self.tokenizer(prompt).input_ids) if isinstance(prompt, str) else list(prompt)

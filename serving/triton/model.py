@@ -150,7 +150,7 @@ class KilnTritonModel:
         with self._lock:
             self._streams[request_id] = stream
         try:
-            self.llm.add_request(request_id, prompt_ids, request.params, self._on_output)
+            self.llm.add_request(request_id, prompt_ids, request.params, self._on_output, request.task)
         except BaseException:
             with self._lock:
                 self._streams.pop(request_id, None)

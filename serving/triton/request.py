@@ -68,6 +68,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("beam_width", "TYPE_INT32"),
     TensorSpec("num_return_sequences", "TYPE_INT32"),
     TensorSpec("return_log_probs", "TYPE_BOOL"),
+    TensorSpec("task_name", "TYPE_STRING"),
 )
 
 # Outputs: text on every response; the last response of a request also carries
@@ -102,6 +103,7 @@ class GenerateRequest:
     stream: bool = False
     exclude_input_in_output: bool = False
     return_log_probs: bool = False
+    task: str | None = None  # a prompt-tuned task of the engine (input `task_name`)
 
 
 def _array(inputs: Mapping[str, np.ndarray], name: str) -> np.ndarray | None:
@@ -256,7 +258,16 @@ def parse_request(
         stream=_bool(inputs, "stream"),
         exclude_input_in_output=_bool(inputs, "exclude_input_in_output"),
         return_log_probs=return_log_probs,
+        task=_task(inputs),
     )
+
+
+def _task(inputs: Mapping[str, np.ndarray]) -> str | None:
+    value = _scalar(inputs, "task_name")
+    if value is None:
+        return None
+    task = _decode(value, "task_name")
+    return task or None
 
 
 def check_length(num_prompt_tokens: int, max_tokens: int, max_seq_len: int) -> None:

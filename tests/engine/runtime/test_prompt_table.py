@@ -5,24 +5,13 @@ different tasks and plain requests batch together."""
 from __future__ import annotations
 
 import pytest
-import torch
-from peft import PromptTuningConfig, TaskType, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_models import make_prompt_adapter
+from transformers import AutoTokenizer
 
 from engine import LLM, InvalidRequestError, SamplingParams
 from engine.build.builder import BuildOptions, build_engine
 
 PROMPTS = ["hello world", "Question: What is ML? Answer:", "the quick brown fox"]
-
-
-def make_adapter(ckpt, out, num_virtual: int, seed: int):
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    peft_model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=num_virtual))
-    with torch.no_grad():  # a trained-looking table, not the default init
-        peft_model.prompt_encoder["default"].embedding.weight.normal_(0, 0.5)
-    peft_model.save_pretrained(out)
-    return peft_model.eval()
 
 
 def peft_greedy(peft_model, tok, prompt: str, n: int) -> list[int]:
@@ -35,8 +24,8 @@ def peft_greedy(peft_model, tok, prompt: str, n: int) -> list[int]:
 def setup(tiny_checkpoint, tmp_path_factory):
     ckpt = tiny_checkpoint("llama-gqa")
     tmp = tmp_path_factory.mktemp("prompt-table")
-    peft_a = make_adapter(ckpt, tmp / "task_a", num_virtual=4, seed=1)
-    peft_b = make_adapter(ckpt, tmp / "task_b", num_virtual=7, seed=2)
+    peft_a = make_prompt_adapter(ckpt, tmp / "task_a", num_virtual_tokens=4, seed=1)
+    peft_b = make_prompt_adapter(ckpt, tmp / "task_b", num_virtual_tokens=7, seed=2)
     engine_dir = build_engine(ckpt, tmp / "engine", BuildOptions(
         dtype="float32", prompt_tables=(("a", str(tmp / "task_a")), ("b", str(tmp / "task_b")))), progress=False)
     return ckpt, engine_dir, peft_a, peft_b
