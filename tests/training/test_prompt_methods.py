@@ -37,7 +37,7 @@ class VirtualTokensFirst(torch.nn.Module):
 def prompt_tuning_run(learner_checkpoint, kv_task, tmp_path_factory):
     config = FinetuneConfig(model=learner_checkpoint, data=kv_task.train, val_data=kv_task.val,
                             output_dir=tmp_path_factory.mktemp("pt") / "out", template=kv_task.template,
-                            method="prompt-tuning", num_virtual_tokens=NUM_VIRTUAL, epochs=10, lr=0.1,
+                            method="prompt-tuning", num_virtual_tokens=NUM_VIRTUAL, epochs=12, lr=0.1,
                             batch_size=10, exact_match_samples=50)
     return finetune(config, show_progress=False)
 
@@ -47,7 +47,7 @@ def test_prompt_tuning_raises_held_out_accuracy(prompt_tuning_run):
     # A frozen random model gives 16 trained vectors little to work with: the gain is real but
     # far from LoRA's (the README reports the measured numbers).
     assert log["val_exact_match_before"] <= 0.05
-    assert log["val_exact_match_best"] >= log["val_exact_match_before"] + 0.1
+    assert log["val_exact_match_best"] >= log["val_exact_match_before"] + 0.15
     assert log["epochs"][-1]["val_loss"] < log["epochs"][0]["val_loss"]
     assert log["num_trainable_params"] == NUM_VIRTUAL * 128
 
