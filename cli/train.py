@@ -42,10 +42,21 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed"),
         exact_match_samples: int = typer.Option(
             64, "--exact-match-samples", help="Validation records checked by greedy generation (0: off)."),
+        threads: int | None = typer.Option(
+            None, "--threads", help="CPU threads for torch (default: torch's choice; on a busy machine "
+            "fewer threads than cores avoid contention)."),
     ) -> None:
         """Fine-tune a checkpoint on jsonl records; writes a PEFT adapter (or full checkpoint) to OUTPUT."""
         from training.config import FinetuneConfig
+        from training.errors import TrainingError
         from training.trainer import finetune as run_finetune
+
+        if threads is not None:
+            if threads <= 0:
+                raise TrainingError(f"--threads must be a positive integer, got {threads}")
+            import torch
+
+            torch.set_num_threads(threads)
 
         config = FinetuneConfig(
             model=model, data=data, output_dir=output, template=template, method=method, val_data=val_data,
