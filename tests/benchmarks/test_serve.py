@@ -181,12 +181,13 @@ def test_ctrl_c_stops_and_still_writes_what_was_measured(triton_server, bench_en
     assert "successful requests" in stdout
 
 
-def scrape_finished(metrics_url: str) -> float:
+def scrape_finished(metrics_url: str, reason: str = "length") -> float:
+    """Requests the server finished with `reason` (ignore_eos requests end with "length")."""
     import httpx
 
     total = 0.0
     for line in httpx.get(metrics_url, timeout=10).text.splitlines():
-        if line.startswith("kiln_requests_finished_total{"):
+        if line.startswith("kiln_requests_finished_total{") and f'finish_reason="{reason}"' in line:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
@@ -249,4 +250,4 @@ def test_ctrl_c_during_warm_up_returns_promptly(triton_server, bench_engine: Pat
                             max_concurrencies=(2,)))
     watcher.join()
     assert report.runs == []
-    assert time.monotonic() - sent_at[0] < 10.0
+    assert time.monotonic() - sent_at[0] < 30.0  # 100 000 warm-up requests would take hours
