@@ -201,6 +201,7 @@ class OpenAIHandler:
         states = {c.index: R.ChoiceState(c.index) for c in plan}
         with_usage = req.include_usage_in_stream
         want_logprobs = req.logprobs is not None
+        encoder = R.ChunkEncoder(meta, "text_completion", with_usage)
         sent = False
         async with aclosing(self._events(plan)) as events:
             try:
@@ -210,9 +211,12 @@ class OpenAIHandler:
                     tokens, logprobs = self._absorb(state, chunk)
                     if not chunk.text and chunk.finish_reason is None and not tokens:
                         continue
-                    lp = R.completion_logprobs(tokens, logprobs, offset) if want_logprobs else None
                     sent = True
-                    yield sse_event(R.completion_chunk(meta, index, chunk.text, chunk.finish_reason, lp, with_usage))
+                    if want_logprobs:
+                        lp = R.completion_logprobs(tokens, logprobs, offset)
+                        yield sse_event(R.completion_chunk(meta, index, chunk.text, chunk.finish_reason, lp, with_usage))
+                    else:
+                        yield encoder.completion(index, chunk.text, chunk.finish_reason)
             except OpenAIError as exc:
                 if not sent:
                     raise
@@ -231,6 +235,7 @@ class OpenAIHandler:
         states = {c.index: R.ChoiceState(c.index) for c in plan}
         started: set[int] = set()
         with_usage = req.include_usage_in_stream
+        encoder = R.ChunkEncoder(meta, "chat.completion.chunk", with_usage)
         async with aclosing(self._events(plan)) as events:
             try:
                 async for index, chunk in events:
@@ -242,9 +247,12 @@ class OpenAIHandler:
                         yield sse_event(R.chat_chunk(meta, index, role, None, None, with_usage))
                     if not chunk.text and chunk.finish_reason is None and not tokens:
                         continue
-                    delta = {"content": chunk.text} if chunk.text else {}
-                    lp = R.chat_logprobs(tokens, logprobs) if req.logprobs else None
-                    yield sse_event(R.chat_chunk(meta, index, delta, chunk.finish_reason, lp, with_usage))
+                    if req.logprobs:
+                        delta = {"content": chunk.text} if chunk.text else {}
+                        lp = R.chat_logprobs(tokens, logprobs)
+                        yield sse_event(R.chat_chunk(meta, index, delta, chunk.finish_reason, lp, with_usage))
+                    else:
+                        yield encoder.chat(index, chunk.text, chunk.finish_reason)
             except OpenAIError as exc:
                 if not started:
                     raise

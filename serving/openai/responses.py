@@ -3,6 +3,7 @@ gateway's per-choice results. Pure functions of their inputs: ids and timestamps
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,3 +170,29 @@ def models_response(model: str, created: int) -> dict[str, Any]:
         "object": "list",
         "data": [{"id": model, "object": "model", "created": created, "owned_by": "kiln"}],
     }
+
+
+class ChunkEncoder:
+    """SSE events of one stream's content chunks, rendered from a pre-encoded prefix.
+
+    Equivalent to `sse_event(completion_chunk(...))` / `sse_event(chat_chunk(...))` without
+    logprobs (the tests check that), but only the text is JSON-encoded per chunk: this runs once
+    per streamed token of every request.
+    """
+
+    def __init__(self, meta: ResponseMeta, object_name: str, with_usage_field: bool) -> None:
+        head = json.dumps(
+            {"id": meta.id, "object": object_name, "created": meta.created, "model": meta.model},
+            ensure_ascii=False, separators=(",", ":"),
+        )
+        self._prefix = "data: " + head[:-1] + ',"choices":[{"index":'
+        self._suffix = "}]" + (',"usage":null' if with_usage_field else "") + "}\n\n"
+
+    def completion(self, index: int, text: str, finish_reason: str | None) -> str:
+        return (f'{self._prefix}{index},"text":{json.dumps(text, ensure_ascii=False)},"logprobs":null,'
+                f'"finish_reason":{json.dumps(finish_reason)}{self._suffix}')
+
+    def chat(self, index: int, content: str, finish_reason: str | None) -> str:
+        delta = '{"content":' + json.dumps(content, ensure_ascii=False) + "}" if content else "{}"
+        return (f'{self._prefix}{index},"delta":{delta},"logprobs":null,'
+                f'"finish_reason":{json.dumps(finish_reason)}{self._suffix}')

@@ -2,7 +2,8 @@
 channel) shared by every request, one bidirectional stream per generation.
 
 Contract with the Triton model (`serving/triton/`, TensorRT-LLM tensor names):
-- the gateway always sends `stream=true` and `exclude_input_in_output=true`, so each response's
+- the gateway always sends `stream=true`, `exclude_input_in_output=true` and `temperature`
+  (other sampling inputs only when they differ from the default), so each response's
   `text_output` is the text added since the previous response (valid UTF-8);
 - the last response of a request carries a non-empty `finish_reason` ("stop", "length", ...)
   and the token counts `num_input_tokens` / `num_output_tokens` (the engine's own counts);
@@ -130,12 +131,13 @@ class TritonUpstream:
             "stream": [True],
             "exclude_input_in_output": [True],
             "temperature": [gen.temperature],
-            "top_p": [gen.top_p],
-            "top_k": [gen.top_k],
         }
-        # (input name, value, default, OpenAI parameter): sent when declared; refused when the
-        # model lacks it and the client asked for something other than the default.
+        # (input name, value, default, OpenAI parameter): sent only when not the default (an
+        # absent input means the default to the model, and fewer tensors cost less on both
+        # sides); refused when the model lacks the input and the client asked for another value.
         optional: list[tuple[str, Any, Any, str]] = [
+            ("top_p", gen.top_p, 1.0, "top_p"),
+            ("top_k", gen.top_k, 0, "top_k"),
             ("presence_penalty", gen.presence_penalty, 0.0, "presence_penalty"),
             ("frequency_penalty", gen.frequency_penalty, 0.0, "frequency_penalty"),
             ("repetition_penalty", gen.repetition_penalty, 1.0, "repetition_penalty"),
@@ -147,9 +149,11 @@ class TritonUpstream:
             seed_name = "seed" if "seed" in sig.inputs else "random_seed"
             optional.append((seed_name, gen.seed, None, "seed"))
         for name, value, default, param in optional:
+            if value == default:
+                continue
             if name in sig.inputs:
                 values[name] = [value]
-            elif value != default:
+            else:
                 raise invalid_request(f"{param} is not supported by the served model {self.model_name!r}", param)
         if gen.stop:
             if "stop_words" not in sig.inputs:
@@ -214,35 +218,40 @@ class TritonUpstream:
             stream.cancel()
 
 
-def _first(result: Any, name: str) -> Any:
-    array = result.as_numpy(name)
-    if array is None or array.size == 0:
-        return None
-    return array.reshape(-1)[0]
+def _first_bytes(raw: bytes) -> bytes:
+    """The first element of a serialized BYTES tensor (4-byte little-endian length, then data)."""
+    if len(raw) < 4:
+        return b""
+    length = int.from_bytes(raw[:4], "little")
+    return raw[4:4 + length]
 
 
 def _parse_chunk(result: Any, with_logprobs: bool) -> GenerationChunk:
-    raw_text = _first(result, "text_output")
-    text = raw_text.decode("utf-8", errors="replace") if isinstance(raw_text, bytes) else str(raw_text or "")
-    raw_reason = _first(result, "finish_reason")
-    reason = raw_reason.decode() if isinstance(raw_reason, bytes) else raw_reason
+    """Read one response's tensors straight from the protobuf (Triton's gRPC responses carry
+    them in `raw_output_contents`); this runs once per streamed token, so it avoids building
+    numpy arrays for the scalar outputs."""
+    response = result.get_response()
+    raw = response.raw_output_contents
+    if len(raw) != len(response.outputs):
+        raise upstream_failed("a Triton response without raw output contents")
+    tensors = {out.name: raw[i] for i, out in enumerate(response.outputs)}
+    text = _first_bytes(tensors.get("text_output", b"")).decode("utf-8", errors="replace")
+    reason = _first_bytes(tensors.get("finish_reason", b"")).decode("utf-8", errors="replace")
     logprobs: tuple[float, ...] = ()
     token_ids: tuple[int, ...] = ()
     if with_logprobs:
-        lp = result.as_numpy("output_log_probs")
-        logprobs = tuple(float(x) for x in lp.reshape(-1)) if lp is not None else ()
-        ids = result.as_numpy("output_token_ids")
-        token_ids = tuple(int(x) for x in ids.reshape(-1)) if ids is not None else ()
+        logprobs = tuple(np.frombuffer(tensors.get("output_log_probs", b""), dtype="<f4").tolist())
+        token_ids = tuple(np.frombuffer(tensors.get("output_token_ids", b""), dtype="<i4").tolist())
     if not reason:
         return GenerationChunk(text, logprobs, token_ids)
-    num_in, num_out = _first(result, "num_input_tokens"), _first(result, "num_output_tokens")
+    num_in, num_out = tensors.get("num_input_tokens"), tensors.get("num_output_tokens")
     return GenerationChunk(
         text,
         logprobs,
         token_ids,
-        finish_reason=str(reason),
-        num_prompt_tokens=None if num_in is None else int(num_in),
-        num_output_tokens=None if num_out is None else int(num_out),
+        finish_reason=reason,
+        num_prompt_tokens=None if not num_in else int.from_bytes(num_in[:4], "little", signed=True),
+        num_output_tokens=None if not num_out else int.from_bytes(num_out[:4], "little", signed=True),
     )
 
 

@@ -27,21 +27,34 @@ MAX_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def triton(tiny_engine: Path, triton_factory: Callable[..., TritonServer]) -> TritonServer:
-    return triton_factory(tiny_engine)
+def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama with a long context, so that a request cut off by its client is certainly
+    still generating when the client leaves (thousands of steps, not a few hundred)."""
+    from tiny_models import make_checkpoint
+
+    from engine.build.builder import BuildOptions, build_engine
+
+    checkpoint = make_checkpoint("llama-gqa", tmp_path_factory.mktemp("ckpt-long"), max_position_embeddings=4096)
+    options = BuildOptions(dtype="float32", max_batch_size=16, max_seq_len=4096)
+    return build_engine(checkpoint, tmp_path_factory.mktemp("engines") / "tiny-long", options, progress=False)
 
 
 @pytest.fixture(scope="module")
-def gateway(triton: TritonServer, tiny_engine: Path) -> Iterator[GatewayServer]:
-    with GatewayServer(triton.grpc_url, MODEL, tiny_engine, port=0) as server:
+def triton(engine_dir: Path, triton_factory: Callable[..., TritonServer]) -> TritonServer:
+    return triton_factory(engine_dir)
+
+
+@pytest.fixture(scope="module")
+def gateway(triton: TritonServer, engine_dir: Path) -> Iterator[GatewayServer]:
+    with GatewayServer(triton.grpc_url, MODEL, engine_dir, port=0) as server:
         yield server
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_engine: Path) -> Any:
+def llm(engine_dir: Path) -> Any:
     from engine import LLM
 
-    return LLM(tiny_engine)
+    return LLM(engine_dir)
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +238,7 @@ def test_errors_have_status_and_shape_and_the_gateway_keeps_serving(
     assert bad.value.param == "temperature"
 
     with pytest.raises(openai.BadRequestError) as too_long:
-        client.completions.create(model=MODEL, prompt="the quick brown fox " * max_seq_len, max_tokens=2)
+        client.completions.create(model=MODEL, prompt="the quick brown fox " * (max_seq_len // 2), max_tokens=2)
     assert str(max_seq_len) in too_long.value.message and too_long.value.code == "context_length_exceeded"
 
     raw = httpx.post(f"{gateway.url}/v1/chat/completions", json={"model": MODEL, "messages": "hi"}, timeout=10)
@@ -236,8 +249,8 @@ def test_errors_have_status_and_shape_and_the_gateway_keeps_serving(
     assert httpx.get(f"{gateway.url}/health", timeout=10).status_code == 200
 
 
-def test_triton_down_is_503(tiny_engine: Path) -> None:
-    with GatewayServer(f"127.0.0.1:{pick_free_port()}", MODEL, tiny_engine, port=0) as down:
+def test_triton_down_is_503(engine_dir: Path) -> None:
+    with GatewayServer(f"127.0.0.1:{pick_free_port()}", MODEL, engine_dir, port=0) as down:
         dead = openai.OpenAI(base_url=f"{down.url}/v1", api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError) as info:
             dead.completions.create(model=MODEL, prompt="hello", max_tokens=2)
@@ -245,8 +258,8 @@ def test_triton_down_is_503(tiny_engine: Path) -> None:
         assert httpx.get(f"{down.url}/health", timeout=10).status_code == 503
 
 
-def test_api_key_is_enforced(triton: TritonServer, tiny_engine: Path) -> None:
-    with GatewayServer(triton.grpc_url, MODEL, tiny_engine, port=0, api_key="s3cret") as secured:
+def test_api_key_is_enforced(triton: TritonServer, engine_dir: Path) -> None:
+    with GatewayServer(triton.grpc_url, MODEL, engine_dir, port=0, api_key="s3cret") as secured:
         wrong = openai.OpenAI(base_url=f"{secured.url}/v1", api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             wrong.completions.create(model=MODEL, prompt="hello", max_tokens=2)
