@@ -98,7 +98,7 @@ class VllmBackend:
         self.process = subprocess.Popen(
             [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path),
              "--served-model-name", SERVED_NAME, "--dtype", "float32", "--host", "127.0.0.1",
-             "--port", str(self.port), "--max-model-len", str(self.max_seq_len), "--disable-log-requests"],
+             "--port", str(self.port), "--max-model-len", str(self.max_seq_len)],
             stdout=self._log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent,
         )
         self._tasks: dict[str, asyncio.Task[None]] = {}
