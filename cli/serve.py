@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import typer
@@ -46,6 +47,8 @@ def register(app: typer.Typer) -> None:
             model_name=model_name, instance_count=instance_count, exit_timeout_secs=exit_timeout_secs,
             openai=openai, openai_port=openai_port, api_key=api_key, log_file=log_file, backend=backend,
         )
+        if choice is not None and choice.name == "vllm":  # vLLM compiles at start: 1-4 min on a small CPU
+            options = dataclasses.replace(options, ready_timeout_s=max(options.ready_timeout_s, 900.0))
         server = KilnServer(path, options, choice)
         install_stop_signals(server)
         try:
