@@ -10,6 +10,8 @@ rank file stays one loop over `named_parameters()`. Layouts and sharding rules: 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -29,13 +31,13 @@ class LinearMethod:
 
     name = "none"
 
-    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+    def create_weights(self, layer: Any, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         """Convert loaded parameters to the kernel's layout (default: nothing to do)."""
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -44,11 +46,11 @@ class Fp8LinearMethod(LinearMethod):
 
     name = "fp8"
 
-    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+    def create_weights(self, layer: Any, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         layer.weight = _param(out_features, in_features, dtype=torch.float8_e4m3fn)
         layer.weight_scale = _param(out_features, dtype=torch.float32)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9):  # pragma: no cover
             return kernels.fp8_linear_cuda(x, layer.weight, layer.weight_scale)
         return kernels.fp8_linear_cpu(x, layer.weight, layer.weight_scale)
@@ -59,16 +61,16 @@ class Int8WeightOnlyMethod(LinearMethod):
 
     name = "int8_wo"
 
-    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+    def create_weights(self, layer: Any, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         layer.weight = _param(out_features, in_features, dtype=torch.int8)
         layer.weight_scale = _param(out_features, dtype=torch.float32)
         layer.compute_dtype = dtype
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         # The kernel wants the scales in the activations' dtype.
         layer.register_buffer("scale_c", layer.weight_scale.detach().to(layer.compute_dtype), persistent=False)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:  # pragma: no cover - UNTESTED (no GPU here): dequantize then GEMM
             return torch.nn.functional.linear(x, layer.weight.to(x.dtype) * layer.scale_c.unsqueeze(1))
         return kernels.int8_weight_only_linear(x, layer.weight, layer.scale_c)
@@ -79,16 +81,16 @@ class W8A8Method(LinearMethod):
 
     name = "w8a8_sq"
 
-    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+    def create_weights(self, layer: Any, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         layer.weight = _param(out_features, in_features, dtype=torch.int8)
         layer.weight_scale = _param(out_features, dtype=torch.float32)
         layer.pre_quant_scale = _param(in_features, dtype=dtype)
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         # `_int_mm` takes the weight as (in, out); keep one transposed contiguous copy, not two.
         layer.weight.data = layer.weight.data.t().contiguous().t()
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         return kernels.w8a8_linear(x, layer.weight.t(), layer.weight_scale, layer.pre_quant_scale)
 
 
@@ -101,7 +103,7 @@ class Int4AwqMethod(LinearMethod):
     def __init__(self, group_size: int) -> None:
         self.group_size = group_size
 
-    def create_weights(self, layer: nn.Module, out_features: int, in_features: int, dtype: torch.dtype) -> None:
+    def create_weights(self, layer: Any, out_features: int, in_features: int, dtype: torch.dtype) -> None:
         if in_features % self.group_size:
             raise ValueError(
                 f"int4_awq: input features {in_features} are not a multiple of group_size {self.group_size}"
@@ -113,7 +115,7 @@ class Int4AwqMethod(LinearMethod):
         layer.int4_cpu_packed = False
         layer.skip_pre_quant_scale = False
 
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
+    def process_weights_after_loading(self, layer: Any) -> None:
         if layer.weight.device.type != "cpu":  # pragma: no cover - UNTESTED on GPU: dequantize path
             return
         packed, scales_zeros = kernels.int4_cpu_pack(layer.weight.data, layer.weight_scale.data, layer.compute_dtype)
@@ -124,7 +126,7 @@ class Int4AwqMethod(LinearMethod):
         layer.weight_scale.data = torch.empty(0, dtype=torch.float32)
         layer.skip_pre_quant_scale = bool(torch.all(layer.pre_quant_scale == 1))
 
-    def apply(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         if not layer.skip_pre_quant_scale:
             x = x * layer.pre_quant_scale
         if layer.int4_cpu_packed:
