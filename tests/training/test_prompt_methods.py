@@ -8,10 +8,10 @@ import pytest
 import torch
 import transformers
 
+from engine.build.prompt_table import load_prompt_embeddings
 from training.config import FinetuneConfig
 from training.data import PromptTemplate, load_dataset
 from training.evaluate import greedy_completions
-from training.prompt_table import load_prompt_embeddings
 from training.trainer import finetune
 
 NUM_VIRTUAL = 16
@@ -19,7 +19,7 @@ NUM_VIRTUAL = 16
 
 class VirtualTokensFirst(torch.nn.Module):
     """A base model with fixed virtual-token embeddings in front of every sequence — what a
-    serving runtime does with a prompt table (see training/prompt_table.py)."""
+    serving runtime does with a prompt table (see engine/build/prompt_table.py)."""
 
     def __init__(self, base: torch.nn.Module, virtual: torch.Tensor):
         super().__init__()

@@ -1,4 +1,4 @@
-"""training/prompt_table.py: the stored virtual tokens reproduce PEFT's output when prepended."""
+"""engine/build/prompt_table.py: the stored virtual tokens reproduce PEFT's output when prepended."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
+from engine.build.prompt_table import load_prompt_embeddings
 from engine.errors import CheckpointError
-from training.prompt_table import load_prompt_embeddings
 
 NUM_VIRTUAL = 5
 
