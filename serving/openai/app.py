@@ -45,6 +45,7 @@ class GatewayConfig:
     triton_grpc_url: str
     model_name: str
     api_key: str | None = None
+    tasks: tuple[str, ...] = ()  # prompt-tuned tasks, served as model ids "<model_name>:<task>"
 
 
 class _LazyUpstream:
@@ -78,7 +79,7 @@ class _LazyUpstream:
 def create_app(config: GatewayConfig, prompts: PromptProcessor) -> FastAPI:
     """Build the gateway app for one Triton model. `prompts` owns the engine's tokenizer."""
     upstream = _LazyUpstream(config.triton_grpc_url, config.model_name)
-    handler = OpenAIHandler(upstream, prompts, config.model_name)
+    handler = OpenAIHandler(upstream, prompts, config.model_name, config.tasks)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -129,12 +130,12 @@ def create_app(config: GatewayConfig, prompts: PromptProcessor) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def models() -> JSONResponse:
-        return JSONResponse(R.models_response(config.model_name, handler.created))
+        return JSONResponse(R.models_response(handler.model_ids, handler.created))
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(check_api_key)])
     async def model(model: str) -> JSONResponse:
         handler.check_model(model)
-        return JSONResponse(R.models_response(config.model_name, handler.created)["data"][0])
+        return JSONResponse(R.models_response([model], handler.created)["data"][0])
 
     @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
     async def completions(body: CompletionRequest, request: Request) -> Any:

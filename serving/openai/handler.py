@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from serving.openai import responses as R
@@ -59,19 +59,28 @@ class PlannedChoice:
 class OpenAIHandler:
     """Serves /v1/completions and /v1/chat/completions for one model over one upstream."""
 
-    def __init__(self, upstream: Upstream, prompts: PromptProcessor, model_name: str) -> None:
+    def __init__(self, upstream: Upstream, prompts: PromptProcessor, model_name: str,
+                 tasks: tuple[str, ...] = ()) -> None:
         self.upstream = upstream
         self.prompts = prompts
         self.model_name = model_name
+        self.tasks = tasks
         self.created = int(time.time())
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise model_not_found(model, [self.model_name])
+    @property
+    def model_ids(self) -> list[str]:
+        """The base model and one id per prompt-tuned task ("<model>:<task>")."""
+        return [self.model_name] + [f"{self.model_name}:{task}" for task in self.tasks]
+
+    def check_model(self, model: str) -> str | None:
+        """404 unless `model` is served; returns the prompt-tuned task it names, if any."""
+        if model not in self.model_ids:
+            raise model_not_found(model, self.model_ids)
+        return model.partition(":")[2] or None
 
     # -- entry points ----------------------------------------------------------------------
     async def completion(self, req: CompletionRequest) -> dict[str, Any] | AsyncGenerator[str, None]:
-        self.check_model(req.model)
+        task = self.check_model(req.model)
         req.check_supported()
         if req.logprobs:
             raise invalid_request(
@@ -80,15 +89,15 @@ class OpenAIHandler:
                 "logprobs",
             )
         logprobs = 0 if req.logprobs is not None else None
-        plan = await self._plan(req, req.prompts(), req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, logprobs)
-        meta = R.ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name)
+        plan = await self._plan(req, req.prompts(), req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, logprobs, task)
+        meta = R.ResponseMeta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.model)
         if req.stream:
             return await self._start_stream(self._completion_events(meta, req, plan))
         states = await self._run_to_end(plan)
         return R.completion_response(meta, states, _prompt_tokens(plan, states), logprobs is not None)
 
     async def chat(self, req: ChatCompletionRequest) -> dict[str, Any] | AsyncGenerator[str, None]:
-        self.check_model(req.model)
+        task = self.check_model(req.model)
         req.check_supported()
         if req.top_logprobs:
             raise invalid_request(
@@ -98,8 +107,8 @@ class OpenAIHandler:
             )
         prompt = self.prompts.render_chat(req.template_messages())
         logprobs = 0 if req.logprobs else None
-        plan = await self._plan(req, [prompt], req.requested_max_tokens(), None, logprobs)
-        meta = R.ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name)
+        plan = await self._plan(req, [prompt], req.requested_max_tokens(), None, logprobs, task)
+        meta = R.ResponseMeta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.model)
         if req.stream:
             return await self._start_stream(self._chat_events(meta, req, plan))
         states = await self._run_to_end(plan)
@@ -113,13 +122,14 @@ class OpenAIHandler:
         requested_max: int | None,
         default_max: int | None,
         logprobs: int | None,
+        task: str | None = None,
     ) -> list[PlannedChoice]:
         base_id = uuid.uuid4().hex
         plan = []
         for p, prompt in enumerate(prompts):
             max_tokens = self.prompts.fit_max_tokens(self.prompts.count_tokens(prompt), requested_max, default_max)
             for s in range(req.n):
-                gen = build_generation(req, prompt, max_tokens, logprobs, sample_index=s)
+                gen = replace(build_generation(req, prompt, max_tokens, logprobs, sample_index=s), task=task)
                 plan.append(PlannedChoice(p * req.n + s, p, gen, f"{base_id}-{p}-{s}"))
         # Checked after the request itself, so a bad request is a 400 even while Triton is down.
         signature = await self.upstream.signature()  # 503 when Triton or the model is unavailable

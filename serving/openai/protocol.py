@@ -194,6 +194,7 @@ class GenerationRequest:
     min_tokens: int
     ignore_eos: bool
     logprobs: int | None
+    task: str | None = None  # a prompt-tuned task of the engine (OpenAI model id "base:task")
 
 
 def build_generation(

@@ -165,10 +165,10 @@ def chat_usage_chunk(meta: ResponseMeta, prompt_tokens: int, completion_tokens: 
     }
 
 
-def models_response(model: str, created: int) -> dict[str, Any]:
+def models_response(models: list[str], created: int) -> dict[str, Any]:
     return {
         "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "kiln"}],
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "kiln"} for model in models],
     }
 
 

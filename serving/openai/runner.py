@@ -59,6 +59,15 @@ def resolve_max_seq_len(tokenizer_dir: Path, max_seq_len: int | None) -> int:
     )
 
 
+def engine_tasks(engine_dir: Path) -> tuple[str, ...]:
+    """The prompt-tuned tasks of the engine at `engine_dir` (none for a non-engine tokenizer dir)."""
+    from engine.config import is_engine_dir, load_engine_config
+
+    if not is_engine_dir(engine_dir):
+        return ()
+    return tuple(sorted(load_engine_config(engine_dir).source.get("prompt_tasks", {})))
+
+
 class GatewayServer:
     """The OpenAI-compatible gateway for one Triton model, served from a background thread."""
 
@@ -101,7 +110,8 @@ class GatewayServer:
         from serving.openai.prompts import PromptProcessor
 
         prompts = PromptProcessor.from_dir(self.tokenizer_dir, resolve_max_seq_len(self.tokenizer_dir, self.max_seq_len))
-        app = create_app(GatewayConfig(self.triton_grpc_url, self.model_name, self.api_key), prompts)
+        tasks = engine_tasks(self.tokenizer_dir)
+        app = create_app(GatewayConfig(self.triton_grpc_url, self.model_name, self.api_key, tasks), prompts)
         sock = _bind(self.host, self.port)
         self.port = int(sock.getsockname()[1])
         config = uvicorn.Config(

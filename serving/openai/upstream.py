@@ -155,6 +155,10 @@ class TritonUpstream:
                 values[name] = [value]
             else:
                 raise invalid_request(f"{param} is not supported by the served model {self.model_name!r}", param)
+        if gen.task is not None:
+            if "task_name" not in sig.inputs:
+                raise invalid_request(f"the served model {self.model_name!r} has no prompt-tuned tasks", "model")
+            values["task_name"] = [gen.task.encode("utf-8")]
         if gen.stop:
             if "stop_words" not in sig.inputs:
                 raise invalid_request(f"stop is not supported by the served model {self.model_name!r}", "stop")

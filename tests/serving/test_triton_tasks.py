@@ -35,3 +35,23 @@ def test_task_name_selects_the_prompt_table(task_engine, triton_factory):
 
     unknown = httpx.post(url, json={**body, "task_name": "nope"}, timeout=60)
     assert unknown.status_code == 400 and "unknown task 'nope'" in unknown.json()["error"]
+
+
+def test_openai_model_base_colon_task_selects_the_task(task_engine, triton_factory):
+    import openai
+
+    from serving.openai.runner import GatewayServer
+
+    server = triton_factory(task_engine)
+    params = SamplingParams(max_tokens=10, temperature=0)
+    expected = LLM(task_engine).generate([PROMPT, PROMPT], params, tasks=["qa", None])
+    with GatewayServer(server.grpc_url, "ensemble", task_engine, port=0) as gateway:
+        client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["ensemble", "ensemble:qa"]
+        with_task = client.completions.create(model="ensemble:qa", prompt=PROMPT, max_tokens=10, temperature=0)
+        plain = client.completions.create(model="ensemble", prompt=PROMPT, max_tokens=10, temperature=0)
+        assert with_task.model == "ensemble:qa"
+        assert with_task.choices[0].text == expected[0].text
+        assert plain.choices[0].text == expected[1].text
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="ensemble:nope", prompt=PROMPT, max_tokens=4)
