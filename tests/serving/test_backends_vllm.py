@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,7 +62,8 @@ def offline(python: Path, llama: Path, tmp_path_factory: pytest.TempPathFactory)
     script = tmp_path_factory.mktemp("vllm-offline") / "offline.py"  # a file: vLLM spawns its engine process
     script.write_text(OFFLINE)
     result = subprocess.run([str(python), str(script), str(llama), json.dumps(ids), str(MAX_TOKENS)],
-                            capture_output=True, text=True, timeout=600)
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-3000:]
     return dict(zip(PROMPTS, json.loads(lines[-1][len("RESULT "):]), strict=True))
@@ -75,6 +77,7 @@ def server(llama: Path) -> Iterator[SimpleNamespace]:
         yield SimpleNamespace(endpoints=kiln.endpoints())
 
 
+@pytest.mark.usefixtures("offline")  # before `server` starts its engine
 def test_auto_picks_vllm_for_architectures_kiln_does_not_run(python: Path, tmp_path: Path) -> None:
     from tests.serving.test_backends import make_phi3_checkpoint
 
@@ -83,8 +86,9 @@ def test_auto_picks_vllm_for_architectures_kiln_does_not_run(python: Path, tmp_p
 
 
 def test_triton_grpc_and_gateway_match_vllm_offline(
-    server: SimpleNamespace, offline: dict[str, str], triton_client: SimpleNamespace
+    offline: dict[str, str], server: SimpleNamespace, triton_client: SimpleNamespace
 ) -> None:
+    # `offline` first: one vLLM engine at a time on this small machine.
     import openai
 
     ep = server.endpoints
