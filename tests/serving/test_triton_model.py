@@ -49,6 +49,20 @@ def wait_for(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
     return condition()
 
 
+def settled(read: Callable[[], float], period: float = 0.5, timeout: float = 15.0) -> float:
+    """A metric's value once it stops moving: the model publishes metrics every 200 ms, so a
+    counter read right after other requests finished may not count them yet."""
+    previous = read()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(period)
+        current = read()
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
 def generate_http(server: TritonServer, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{server.http_url}/v2/models/{MODEL}/generate", json=body, timeout=60)
 
@@ -120,8 +134,8 @@ def test_cancelled_grpc_stream_aborts_and_frees_the_kv_cache(
     server: TritonServer, triton_client: SimpleNamespace
 ) -> None:
     scrape = triton_client.scrape
-    aborted = scrape(server.metrics_url, "kiln_requests_finished_total", finish_reason="abort")
-    length = scrape(server.metrics_url, "kiln_requests_finished_total", finish_reason="length")
+    aborted = settled(lambda: scrape(server.metrics_url, "kiln_requests_finished_total", finish_reason="abort"))
+    length = settled(lambda: scrape(server.metrics_url, "kiln_requests_finished_total", finish_reason="length"))
     inputs = triton_client.inputs("hello", 500, ignore_eos=True)  # ~1 s of work if never aborted
     gen = asyncio.run(triton_client.stream_generate(server.grpc_url, inputs, cancel_after_chunks=3))
     assert gen.finish_reason is None and len(gen.chunks) == 3
@@ -135,7 +149,7 @@ def test_dropped_sse_connection_aborts_and_frees_the_kv_cache(
     server: TritonServer, triton_client: SimpleNamespace
 ) -> None:
     scrape = triton_client.scrape
-    aborted = scrape(server.metrics_url, "kiln_requests_finished_total", finish_reason="abort")
+    aborted = settled(lambda: scrape(server.metrics_url, "kiln_requests_finished_total", finish_reason="abort"))
     body = {"text_input": "hello", "max_tokens": 500, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.http_url}/v2/models/{MODEL}/generate_stream", json=body,
                       timeout=60) as response:
