@@ -225,7 +225,7 @@ def test_metrics_expose_kiln_metrics_that_move(server: TritonServer, triton_clie
     for name in ("kiln_time_to_first_token_seconds", "kiln_inter_token_latency_seconds",
                  "kiln_e2e_request_latency_seconds", "kiln_request_queue_time_seconds"):
         assert f"# TYPE {name} histogram" in page
-    before = {name: scrape(url, name) for name in (
+    before = {name: settled(lambda name=name: scrape(url, name)) for name in (
         "kiln_prompt_tokens_total", "kiln_generation_tokens_total", "kiln_time_to_first_token_seconds_count",
         "kiln_e2e_request_latency_seconds_count", "kiln_request_queue_time_seconds_count",
         "kiln_inter_token_latency_seconds_count")}
