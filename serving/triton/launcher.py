@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import random
 import re
 import shutil
 import signal
@@ -86,11 +87,29 @@ def prepare_backend_dir(target: Path, tritonserver: Path | None = None) -> Path:
     return target
 
 
+# Listening ports come from below the kernel's ephemeral range (32768-60999 by default): a port
+# the OS handed out with bind(0) and that was then released can be taken at once as the local
+# port of an outgoing connection, and tritonserver would then fail to bind it after reporting
+# ready on another port.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+
+
 def pick_free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the OS picks it; a race with other binders is possible)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port, outside the ephemeral range, that was free a moment ago and that this process
+    has not handed out before."""
+    for _ in range(200):
+        port = random.randint(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise TritonServerError(f"no free port found in {_PORT_RANGE[0]}-{_PORT_RANGE[1]} on {host}")
 
 
 def check_port_free(host: str, port: int, flag: str) -> None:
