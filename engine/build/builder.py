@@ -142,11 +142,9 @@ def _build(
         arch, model = model_config_from_hf(ckpt.config, ckpt.generation_config)
         dtype = _resolve_dtype(options.dtype, ckpt.config)
         build = _build_config(options, model, dtype)
-        check_tp_split(model, options.tp_size)
         tp = options.tp_size
         quant = _quant_config(checkpoint_dir, options)
-        if quant.algo != "none" and tp > 1:
-            raise BuildError("quantized engines with --tp > 1 are not supported yet (use --tp 1)")
+        check_tp_split(model, tp, quant)
         build = replace(build, quantization=quant)
         suffix = "" if quant.algo == "none" else f"-{quant.algo}"
         out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}{suffix}-tp{tp}"
@@ -274,7 +272,8 @@ def _write_weights(
             for kiln_name, tensor in iter_quantized_kiln_tensors(arch, model, quant, dtype, ckpt.get,
                                                                  set(ckpt.tensor_names())):
                 num_parameters += tensor.numel()
-                writers[0].add(kiln_name, tensor)
+                for rank, writer in enumerate(writers):
+                    writer.add(kiln_name, shard_tensor(kiln_name, tensor, model, tp, rank))
                 if not kiln_name.endswith(("weight_scale", "pre_quant_scale")):
                     bar.advance(task)
             return num_parameters, [w.num_bytes for w in writers]

@@ -4,6 +4,8 @@
     checkpoint --mtq.quantize(calibration text)--> fake-quant model --export_hf_checkpoint--> ModelOpt dir
     ModelOpt dir --builder (engine/quant/modelopt_format.py)--> engine (staging)
     accuracy gate: engine vs the unquantized engine on held-out text -> build_report.json["accuracy"]
+    --tp N > 1: the gate runs on the tp1 build; the engine written is the N-way build of the same
+    ModelOpt dir (its shards hold exactly the tp1 tensors, engine/build/sharding.py)
 
 The gate measures perplexity ratio (quantized / unquantized), top-1 next-token agreement and
 greedy-continuation match (mean fraction of greedy tokens equal before the first divergence).
@@ -223,12 +225,10 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
     if is_modelopt_checkpoint(checkpoint_dir):
         raise BuildError(f"{checkpoint_dir}: already a ModelOpt-quantized checkpoint; build it without "
                          "--fp8/--int8/--int4-awq/--w8a8")
-    if options.tp_size > 1:
-        raise BuildError("quantized engines with --tp > 1 are not supported yet (use --tp 1)")
     console = Console(stderr=True, quiet=not show_progress)
     hf_config = read_json(checkpoint_dir / "config.json") or {}
     dtype = builder._resolve_dtype(options.dtype, hf_config)
-    out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}-{algo}-tp1"
+    out = Path(output_dir) if output_dir is not None else Path.cwd() / "engines" / f"{name}-{dtype}-{algo}-tp{options.tp_size}"
     builder._check_output(out)
     calib_file = Path(options.calib_data) if options.calib_data else DEFAULT_CALIB_FILE
     texts = read_texts(calib_file)
@@ -236,7 +236,8 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
 
     group_size = options.group_size
     if algo == "int4_awq":
-        group_size = _int4_group_size(hf_config, group_size)
+        group_size = _int4_group_size(hf_config, group_size, options.tp_size)
+    _check_tp_before_calibration(hf_config, algo, group_size, options.tp_size)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
@@ -260,6 +261,10 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
             gate = measure_gate(ref, quant, algo, budget)
             for llm in (ref, quant):
                 llm.engine.close()
+        if options.tp_size > 1:  # gated above at tp1; now the requested shards of the same ModelOpt checkpoint
+            staging = builder._build(export_dir, name, Path(tmp) / f"engine-tp{options.tp_size}",
+                                     replace(plain, kv_cache_dtype=options.kv_cache_dtype, tp_size=options.tp_size),
+                                     show_progress, source, start)
         _record(staging, gate, calib_file, len(calib), options, start)
         if not gate.passed and not options.force:
             raise BuildError(f"{gate.describe()}; the engine was not written (pass --force to keep it anyway)")
@@ -270,20 +275,33 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
     return out
 
 
-def _int4_group_size(hf_config: dict[str, Any], requested: int | None) -> int:
+def _check_tp_before_calibration(hf_config: dict[str, Any], algo: str, group_size: int | None, tp_size: int) -> None:
+    """BuildError now, not after minutes of calibration, for a --tp the model cannot be split into."""
+    from engine.build.sharding import check_tp_split
+    from engine.build.transforms import model_config_from_hf
+    from engine.config import QuantConfig
+
+    if tp_size > 1:
+        check_tp_split(model_config_from_hf(hf_config)[1], tp_size, QuantConfig(algo=algo, group_size=group_size))
+
+
+def _int4_group_size(hf_config: dict[str, Any], requested: int | None, tp_size: int = 1) -> int:
     """The int4 group: `requested`, else 128, else the largest of 64 / 32 that divides every
-    projection's input width (SmolLM2's hidden size 576 is not a multiple of 128)."""
+    projection's input width (SmolLM2's hidden size 576 is not a multiple of 128) and, with
+    --tp N, each rank's share of the row-parallel inputs (o_proj, down_proj)."""
     widths = [int(hf_config.get("hidden_size", 0)), int(hf_config.get("intermediate_size", 0))]
     heads, head_dim = hf_config.get("num_attention_heads"), hf_config.get("head_dim")
     if heads and head_dim:
         widths.append(int(heads) * int(head_dim))
+    attn_width = widths[2] if len(widths) == 3 else widths[0]  # o_proj's input: heads * head_dim
+    per_rank = [widths[1] // tp_size, attn_width // tp_size] if tp_size > 1 else []  # whole groups per rank
     if requested is not None:
         bad = [w for w in widths if w % requested]
         if bad:
             raise BuildError(f"--group-size {requested} does not divide the model's projection width(s) {bad}")
         return requested
     for group in (128, 64, 32):
-        if all(w % group == 0 for w in widths):
+        if all(w % group == 0 for w in widths + per_rank):
             return group
     raise BuildError(f"no int4 group size (128, 64, 32) divides the model's projection widths {widths}")
 
