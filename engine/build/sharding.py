@@ -17,13 +17,22 @@ norms, q/k norms                       everything (replicated)
 =====================================  ==========================================================
 
 Rules apply to every tensor of a module, not only `.weight` (Kiln's quantized layouts,
-engine/quant/modelopt_format.py: weight (out, in) or INT4 (out, in/2) packed along the input,
-weight_scale (out,) or (out, in/group), pre_quant_scale (in,)):
-- column-parallel and vocab layers: weight, bias and weight_scale split along dim 0 like the
-  weight's rows (so (out, in/2) and (out, in/group) work too); pre_quant_scale replicated;
-- row-parallel layers: tensors split along their last dim (in, in/2, in/group), except 1-D
-  per-output-channel scales (out,), which are replicated; pre_quant_scale (in,) is split;
+engine/quant/kernels.py: weight (out, in) or INT4 (out, in/2) packed along the input,
+weight_scale (out,) or INT4 (out, in/group), pre_quant_scale (in,)):
+- column-parallel layers (qkv_proj, gate_up_proj): weight, bias and weight_scale split along
+  dim 0 like the weight's rows (so (out, in/2) and (out, in/group) work too); pre_quant_scale
+  (in,) is replicated (every rank sees the whole input);
+- vocab layers (embed_tokens, lm_head): every tensor (a quantized embedding's int8 (V, H) or
+  int4 (V, H/2) weight, its (V,) or (V, H/group) scales) splits by vocab rows, zero-padded;
+- row-parallel layers (o_proj, down_proj): 2-D tensors split along their last dim (in, in/2,
+  in/group); 1-D per-output-channel scales (out,) are replicated (each rank's partial sum is
+  already in the output's scale); pre_quant_scale (in,) is split with the input;
 - 0-d and one-element tensors (per-tensor scales such as input_scale) are replicated.
+
+INT4 groups never straddle ranks: a row-parallel input of `w` features splits into w/N per rank,
+which must be a multiple of the group size (`check_tp_split` with the engine's QuantConfig says
+so before any tensor is written). Per-token activation scales (w8a8_sq) are computed per rank
+over that rank's input slice, so a TP engine's w8a8 logits differ from TP=1's by rounding only.
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import re
 
 import torch
 
-from engine.config import ModelConfig
+from engine.config import ModelConfig, QuantConfig
 from engine.errors import BuildError
 
 _VOCAB = re.compile(r"^(embed_tokens|lm_head)\.")
@@ -42,8 +51,9 @@ _GATE_UP = re.compile(r"^layers\.\d+\.mlp\.gate_up_proj\.")
 _ROW = re.compile(r"^layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)\.")
 
 
-def check_tp_split(model: ModelConfig, tp_size: int) -> None:
-    """Raise BuildError when `model` cannot be split into `tp_size` ranks of whole heads."""
+def check_tp_split(model: ModelConfig, tp_size: int, quant: QuantConfig | None = None) -> None:
+    """Raise BuildError when `model` cannot be split into `tp_size` ranks of whole heads (and,
+    for an int4 `quant`, of whole quantization groups)."""
     nq, nkv, n = model.num_heads, model.num_kv_heads, tp_size
     if n < 1:
         raise BuildError(f"--tp must be a positive integer, got {n}")
@@ -62,6 +72,20 @@ def check_tp_split(model: ModelConfig, tp_size: int) -> None:
         )
     if model.intermediate_size % n:
         raise BuildError(f"--tp {n} does not divide the MLP's intermediate size {model.intermediate_size}")
+    if quant is not None and quant.algo == "int4_awq":
+        _check_int4_groups(model, quant.group_size or 128, n)
+
+
+def _check_int4_groups(model: ModelConfig, group: int, tp_size: int) -> None:
+    """Each rank's input slice of a row-parallel layer must hold whole int4 groups."""
+    row_parallel_inputs = {"o_proj": model.num_heads * model.head_dim, "down_proj": model.intermediate_size}
+    for layer, width in row_parallel_inputs.items():
+        if (width // tp_size) % group:
+            raise BuildError(
+                f"--tp {tp_size} gives each rank {width // tp_size} of {layer}'s {width} input features, not a "
+                f"multiple of the int4 --group-size {group}; use a --tp that divides {width // group}, or a "
+                "smaller --group-size"
+            )
 
 
 def local_kv_heads(model: ModelConfig, tp_size: int) -> int:
@@ -95,11 +119,14 @@ def shard_tensor(name: str, tensor: torch.Tensor, model: ModelConfig, tp_size: i
     if _GATE_UP.match(name):
         return _gate_up_rows(name, tensor, model, tp_size, rank)
     if _ROW.match(name):
-        if tensor.dim() < 2 or tensor.shape[-1] == 1:  # per-output-channel scale
+        if tensor.dim() < 2:  # per-output-channel scale (out,)
             return tensor.clone()
-        cols = tensor.shape[-1]
+        cols = tensor.shape[-1]  # in, in/2 (packed int4) or in/group (int4 scales)
         if cols % tp_size:
-            raise BuildError(f"{name}: last dim {cols} is not divisible by --tp {tp_size}")
+            raise BuildError(
+                f"{name}: its last dim {cols} cannot be split into --tp {tp_size} equal parts"
+                + (" (int4 groups would straddle ranks; use a smaller --group-size)" if name.endswith("weight_scale") else "")
+            )
         return tensor.chunk(tp_size, dim=-1)[rank].contiguous()
     return tensor.clone()  # norms (and anything else) are replicated
 

@@ -63,8 +63,8 @@ def test_gate_up_row_parallel_vocab_and_replicated_rules() -> None:
     # splits like its rows; per-output-channel of a row-parallel layer and per-tensor are replicated.
     scale = torch.arange(8, dtype=torch.float32).unsqueeze(1)
     assert _rows(shard_tensor("layers.0.mlp.gate_up_proj.weight_scale", scale, m, 2, 1)) == [2, 3, 6, 7]
-    row_scale = torch.ones(4, 1)
-    assert shard_tensor("layers.0.mlp.down_proj.weight_scale", row_scale, m, 2, 1).shape == (4, 1)
+    row_scale = torch.arange(4, dtype=torch.float32)  # (out,): each rank's partial sum is in this scale
+    assert shard_tensor("layers.0.mlp.down_proj.weight_scale", row_scale, m, 2, 1).tolist() == [0, 1, 2, 3]
     assert shard_tensor("layers.0.mlp.down_proj.input_scale", torch.tensor(2.0), m, 2, 1).item() == 2.0
     # Kiln's quantized layouts (engine/quant/modelopt_format.py): pre_quant_scale (in,) follows
     # the input features: whole for column-parallel layers, split for row-parallel ones.
