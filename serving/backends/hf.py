@@ -1,20 +1,35 @@
 """The `hf` backend: any causal LM that Hugging Face `transformers` can load, for models Kiln
-does not run natively (Gemma, Phi, ...).
+does not run natively (Gemma, Phi, ...), with dynamic batching.
 
-One background thread owns the model. Each request keeps its own `DynamicCache`; every loop
-iteration takes new requests and aborts from a queue, then advances each running request by
-one token (prefill on its first turn), interleaving requests token by token so that every
-stream makes progress and a new request starts at once. Requests are not fused into one
-forward pass (different cache lengths would need padding); this backend is the fallback for
-correctness and reach, not for speed.
+One background thread owns the model. Each loop iteration takes new requests and aborts from
+a queue, prefills waiting requests one by one as they arrive (batch 1, no padding, exactly as
+`generate` does; up to `max_prefill_tokens` per iteration so decodes keep moving), then runs
+ONE forward pass for every request in the decode phase: the running requests are rows of a
+left-padded batched `DynamicCache` (`serving.backends.hf_batch.PaddedKVBatch`) with a 2D
+attention mask and per-row position ids. A finished or aborted request leaves the batch
+before the next step, and a waiting request takes its slot (at most `max_batch_size` rows).
+Sampling (greedy, temperature/top-k/top-p/min-p, repetition penalty, per-request seeds,
+min_tokens, stop ids and strings, logprobs) is per row on the batch's logits.
+
+Why not transformers' own continuous batching (`model.init_continuous_batching()`): tried on
+transformers 5.23, CPU, float32, it runs, streams, cancels and matches greedy `generate`, but
+one manager has a single `do_sample` flag and seed for all requests and only per-request
+temperature/top-k/top-p — no per-request seeds, repetition penalty, min_p or min_tokens, and
+a cancelled request never gets a final output. The backend contract is per-request
+`SamplingParams`, so the batching is done here. Why a persistent padded batch rather than
+re-batching per-request caches every step: re-batching copies every running request's whole
+KV cache at every step (batch x context bytes per token), while the persistent batch copies
+K/V only when a request joins or leaves.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +39,7 @@ from engine.outputs import RequestMetrics, RequestOutput
 from engine.runtime.stats import EngineStats
 from engine.sampling_params import SamplingParams
 from serving.backends.base import BackendError, OutputCallback
+from serving.backends.hf_batch import PaddedKVBatch
 
 logger = logging.getLogger("kiln.backends.hf")
 
@@ -36,7 +52,6 @@ class _Request:
     params: SamplingParams
     callback: OutputCallback
     metrics: RequestMetrics
-    cache: Any = None  # transformers DynamicCache, created at prefill
     generator: Any = None  # torch.Generator when the request has a seed
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -45,22 +60,33 @@ class _Request:
 
 
 class HFBackend:
-    """transformers `AutoModelForCausalLM` in float32 on CPU behind the `Backend` interface."""
+    """transformers `AutoModelForCausalLM` (float32, CPU by default) behind the `Backend` interface.
+
+    `max_batch_size` caps the requests decoded together (others wait, FIFO);
+    `max_prefill_tokens` caps the prompt tokens prefilled per loop iteration (at least one
+    request is always prefilled, whatever its length).
+    """
 
     name = "hf"
 
-    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, dtype: str = "float32", device: str = "cpu",
+                 max_batch_size: int = 64, max_prefill_tokens: int = 4096) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
         if not (path / "config.json").is_file():
             raise BackendError(f"{path}: the hf backend needs a Hugging Face checkpoint directory (no config.json)")
+        if max_batch_size < 1 or max_prefill_tokens < 1:
+            raise BackendError(f"max_batch_size and max_prefill_tokens must be >= 1, got {max_batch_size}, "
+                               f"{max_prefill_tokens}")
         self._torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
         self.model = model.to(device).eval()
         self.device = device
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         config = self.model.config
         self.max_seq_len = int(getattr(config, "max_position_embeddings", 2048))
         self.vocab_size = int(config.vocab_size)
@@ -68,12 +94,16 @@ class HFBackend:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_token_ids: frozenset[int] = frozenset(
             () if eos is None else (eos if isinstance(eos, list) else [eos]))
+        # Prefill needs the logits of the last position only (what `generate` asks for too).
+        self._last_logits_only = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
         self._commands: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
-        self._requests: dict[str, _Request] = {}  # engine thread only
+        self._requests: dict[str, _Request] = {}  # waiting and running; engine thread only
+        self._waiting: deque[_Request] = deque()
+        self._batch = PaddedKVBatch()  # the running requests' rows
         self._ids_lock = threading.Lock()
         self._known_ids: set[str] = set()
-        self._counters = {"steps": 0, "prompt": 0, "generated": 0, "max_batch": 0, "last_batch": 0}
+        self._counters = {"steps": 0, "prompt": 0, "generated": 0, "max_batch": 0, "last_batch": 0, "last_tokens": 0}
         self._stats = self._snapshot()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kiln-hf-loop", daemon=True)
@@ -117,52 +147,111 @@ class HFBackend:
 
     # ---- the loop thread -----------------------------------------------------------------------
     def _loop(self) -> None:
+        # Everything on this thread (K/V batching and sampling included) works on inference tensors.
+        with self._torch.inference_mode():
+            self._run()
+
+    def _run(self) -> None:
         while True:
-            try:
-                command = self._commands.get(block=not self._requests)
-                while True:
-                    if command is None:
-                        for request_id in list(self._requests):
-                            self._finish(self._requests[request_id], "abort")
-                        return
-                    kind, value = command
-                    if kind == "add":
-                        self._requests[value.request_id] = value
-                    elif value in self._requests:
-                        self._finish(self._requests[value], "abort")
-                    command = self._commands.get_nowait()
-            except queue.Empty:
-                pass
-            running = list(self._requests.values())
-            self._counters["steps"] += 1
-            self._counters["last_batch"] = len(running)
-            self._counters["max_batch"] = max(self._counters["max_batch"], len(running))
-            for request in running:
-                try:
-                    self._step(request)
-                except Exception:
-                    logger.exception("hf backend: request %s failed", request.request_id)
-                    self._finish(request, "error")
+            if not self._take_commands():
+                for request in list(self._requests.values()):
+                    self._finish(request, "abort")
+                self._batch.retain(self._requests)
+                self._stats = self._snapshot()
+                return
+            self._batch.retain(self._requests)  # aborted rows leave before any compute
+            prefilled = self._prefill_waiting()
+            decoded = 0
+            if self._batch.num_rows:
+                decoded = self._batch.num_rows
+                self._decode_step()
+                self._batch.retain(self._requests)  # finished rows free their slots at once
+            c = self._counters
+            c["steps"] += 1
+            c["last_batch"], c["last_tokens"] = decoded, decoded + prefilled
+            c["max_batch"] = max(c["max_batch"], decoded)
             self._stats = self._snapshot()
 
-    def _step(self, request: _Request) -> None:
-        torch = self._torch
-        now = time.monotonic()
-        if request.cache is None:
-            from transformers import DynamicCache
+    def _take_commands(self) -> bool:
+        """Apply queued adds and aborts (waiting for one while idle); False once shut down."""
+        try:
+            command = self._commands.get(block=not self._requests)
+            while True:
+                if command is None:
+                    return False
+                kind, value = command
+                if kind == "add":
+                    self._requests[value.request_id] = value
+                    self._waiting.append(value)
+                elif value in self._requests:
+                    self._finish(self._requests[value], "abort")
+                command = self._commands.get_nowait()
+        except queue.Empty:
+            return True
 
-            request.cache = DynamicCache()
-            request.metrics.first_scheduled_time = now
-            if request.params.seed is not None:
-                request.generator = torch.Generator().manual_seed(request.params.seed)
-            new_ids = request.prompt_ids
-            self._counters["prompt"] += len(new_ids)
-        else:
-            new_ids = request.token_ids[-1:]
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([new_ids], device=self.device),
-                             past_key_values=request.cache, use_cache=True)
-        logits = out.logits[0, -1].float()  # [vocab]
+    def _prefill_waiting(self) -> int:
+        """Prefill waiting requests (FIFO) into free batch slots; returns the prompt tokens run."""
+        budget = self.max_prefill_tokens
+        done = 0
+        while self._waiting and self._batch.num_rows < self.max_batch_size:
+            request = self._waiting[0]
+            if request.request_id not in self._requests:  # aborted while waiting
+                self._waiting.popleft()
+                continue
+            if done and len(request.prompt_ids) > budget:
+                break
+            self._waiting.popleft()
+            budget -= len(request.prompt_ids)
+            done += len(request.prompt_ids)
+            try:
+                self._prefill(request)
+            except Exception:
+                logger.exception("hf backend: prefill of request %s failed", request.request_id)
+                self._finish(request, "error")
+        return done
+
+    def _prefill(self, request: _Request) -> None:
+        torch = self._torch
+        from transformers import DynamicCache
+
+        request.metrics.first_scheduled_time = time.monotonic()
+        if request.params.seed is not None:
+            request.generator = torch.Generator().manual_seed(request.params.seed)
+        self._counters["prompt"] += len(request.prompt_ids)
+        cache = DynamicCache()  # no config: full-length layers, which the batch can pad and merge
+        extra = {"logits_to_keep": 1} if self._last_logits_only else {}
+        out = self.model(input_ids=torch.tensor([request.prompt_ids], device=self.device),
+                         past_key_values=cache, use_cache=True, **extra)
+        self._advance(request, out.logits[0, -1].float())  # (vocab,)
+        if request.request_id in self._requests:  # not finished by its first token
+            self._batch.add(request.request_id, cache)
+
+    def _decode_step(self) -> None:
+        """One forward pass for every row of the batch: each row's last token at its own position."""
+        torch = self._torch
+        rows = [self._requests[rid] for rid in self._batch.request_ids]
+        input_ids = torch.tensor([[r.token_ids[-1]] for r in rows], device=self.device)  # (B, 1)
+        positions = torch.tensor([[len(r.prompt_ids) + len(r.token_ids) - 1] for r in rows],
+                                 device=self.device)  # (B, 1): real position, padding excluded
+        mask = self._batch.attention_mask().to(self.device)  # (B, W+1)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=self._batch.cache, use_cache=True)
+        except Exception:
+            logger.exception("hf backend: batched decode step failed; ending its %d requests", len(rows))
+            for request in rows:
+                self._finish(request, "error")
+            return
+        logits = out.logits[:, -1].float()  # (B, vocab)
+        for i, request in enumerate(rows):
+            try:
+                self._advance(request, logits[i])
+            except Exception:
+                logger.exception("hf backend: request %s failed", request.request_id)
+                self._finish(request, "error")
+
+    def _advance(self, request: _Request, logits: Any) -> None:
+        """Sample the next token of `request` from its logits (vocab,) and hand out what is new."""
         token = self._sample(logits, request)
         request.token_ids.append(token)
         self._counters["generated"] += 1
@@ -200,7 +289,6 @@ class HFBackend:
             banned = set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_token_ids))
             if banned:
                 logits[torch.tensor(sorted(banned))] = float("-inf")
-        logprobs = torch.log_softmax(logits, dim=-1)
         if params.greedy:
             token = int(torch.argmax(logits))
         else:
@@ -216,7 +304,8 @@ class HFBackend:
             if params.min_p > 0.0:
                 probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
             token = int(torch.multinomial(probs / probs.sum(), 1, generator=request.generator))
-        request.logprobs.append(float(logprobs[token]))
+        if params.logprobs is not None:
+            request.logprobs.append(float(torch.log_softmax(logits, dim=-1)[token]))
         return token
 
     def _decode(self, request: _Request, token_ids: list[int]) -> str:
@@ -259,7 +348,7 @@ class HFBackend:
     def _deliver(self, request: _Request, output: RequestOutput) -> None:
         if output.finished:
             self._requests.pop(request.request_id, None)
-            request.cache = None  # frees its KV tensors
+            # Its batch row (K/V) is dropped by the loop before the next forward pass.
             with self._ids_lock:
                 self._known_ids.discard(request.request_id)
             self._stats = self._snapshot()
@@ -272,10 +361,12 @@ class HFBackend:
 
     def _snapshot(self) -> EngineStats:
         c = self._counters
+        running = sum(1 for rid in self._batch.request_ids if rid in self._requests)  # finished rows leave later
         return EngineStats(
-            num_running=len(self._requests), num_waiting=0, num_total_blocks=0, num_free_blocks=0,
+            num_running=running, num_waiting=len(self._requests) - running,
+            num_total_blocks=0, num_free_blocks=0,
             kv_cache_usage=0.0, prefix_cache_queries=0, prefix_cache_hits=0, num_preemptions=0,
-            num_steps=c["steps"], last_batch_size=c["last_batch"], last_num_tokens=c["last_batch"],
+            num_steps=c["steps"], last_batch_size=c["last_batch"], last_num_tokens=c["last_tokens"],
             max_batch_size_seen=c["max_batch"], total_prompt_tokens=c["prompt"],
             total_generation_tokens=c["generated"],
         )

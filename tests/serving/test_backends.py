@@ -227,6 +227,58 @@ def test_hf_backend_abort_frees_the_request(hf_backend: HFBackend) -> None:
     assert again.final().finish_reason == "length"
 
 
+def _generate_ids(phi3: Path, prompt_ids: list[int], num_tokens: int) -> list[int]:
+    """transformers' own greedy generate, exactly `num_tokens` new tokens (EOS suppressed before)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(phi3, dtype=torch.float32)
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(ids, max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _exactly(num_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=num_tokens, min_tokens=num_tokens, temperature=0)
+
+
+def test_hf_backend_batches_requests_of_different_lengths_exactly_like_generate(phi3: Path) -> None:
+    """Two batch slots: a long request A and a victim run together, B (a longer prompt than the
+    batch is wide) and C (short) wait; aborting the victim gives B its slot while A still runs,
+    C joins when A leaves. Every finished request equals `generate` token for token."""
+    backend = HFBackend(phi3, max_batch_size=2)
+    try:
+        tok = backend.tokenizer
+        words = "the quick brown fox jumps over a lazy dog while machine learning models generate text".split()
+        prompts = {"A": tok(" ".join(words[:9])).input_ids, "B": tok(" ".join(words * 3)).input_ids,
+                   "C": tok("hello").input_ids}
+        lengths = {"A": 120, "B": 40, "C": 25}
+        assert len(prompts["B"]) > len(prompts["A"]) + 20 and len(prompts["C"]) < 3
+        collectors = {name: Collector() for name in (*prompts, "victim")}
+        backend.add_request("victim", prompts["C"], SamplingParams(max_tokens=240, ignore_eos=True),
+                            collectors["victim"])
+        backend.add_request("A", prompts["A"], _exactly(lengths["A"]),
+                            collectors["A"])
+        assert _wait_for(lambda: len(collectors["victim"].outputs) >= 3 and len(collectors["A"].outputs) >= 1)
+        for name in ("B", "C"):
+            backend.add_request(name, prompts[name], _exactly(lengths[name]), collectors[name])
+        assert _wait_for(lambda: backend.stats().num_waiting == 2)
+        assert (backend.stats().num_running, len(collectors["B"].outputs)) == (2, 0)  # the batch is full
+        backend.abort("victim")
+        finals = {name: collectors[name].final() for name in (*prompts, "victim")}
+        assert finals["victim"].finish_reason == "abort" and len(finals["victim"].token_ids) < 240
+        b_metrics, a_metrics = finals["B"].metrics, finals["A"].metrics
+        assert b_metrics is not None and a_metrics is not None
+        assert b_metrics.first_token_time < a_metrics.finished_time  # type: ignore[operator]  # B took the slot
+        for name, prompt_ids in prompts.items():
+            assert finals[name].finish_reason == "length"
+            assert finals[name].token_ids == _generate_ids(phi3, prompt_ids, lengths[name]), name
+        stats = backend.stats()
+        assert (stats.num_running, stats.num_waiting, stats.max_batch_size_seen) == (0, 0, 2)
+    finally:
+        backend.shutdown()
+
+
 # ---- served by `kiln serve --backend auto` ------------------------------------------------------
 
 @pytest.fixture(scope="module")
