@@ -41,6 +41,14 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of `x` over the ranks, in place (e.g. a row-parallel layer's per-token
+    activation amax, so every rank quantizes its input slice with the whole row's scale)."""
+    if _state.tp_size > 1:
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+    return x
+
+
 def all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     """Concatenate each rank's `x` along the last dimension (equal sizes on every rank)."""
     if _state.tp_size == 1:

@@ -78,6 +78,7 @@ class RowParallelLinear(nn.Module):
         tp = get_tp_size()
         if in_features % tp:
             raise ValueError(f"input features {in_features} not divisible by tp_size {tp}")
+        self.input_is_sharded = tp > 1  # quantized methods with dynamic activation scales read it
         self.quant_method = get_linear_method(quant)
         if self.quant_method is None:
             self.weight = _empty(out_features, in_features // tp, dtype=dtype)

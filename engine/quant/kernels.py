@@ -18,6 +18,8 @@ multiple of the group size. Dequantized weight = q * scale (per row, or per row 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 INT4_ZERO = 8  # stored nibble = signed int4 value + 8
@@ -96,20 +98,26 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic symmetric per-token int8: x (T, in) -> (int8 (T, in), float32 scale (T, 1))."""
+def quantize_per_token_int8(x: torch.Tensor, reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic symmetric per-token int8: x (T, in) -> (int8 (T, in), float32 scale (T, 1)).
+    `reduce_amax` maps the per-token amax (T, 1) to the whole token's when x is one rank's slice."""
     x32 = x.float()
-    scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-8) / 127.0
+    amax = x32.abs().amax(dim=-1, keepdim=True)  # (T, 1)
+    if reduce_amax is not None:
+        amax = reduce_amax(amax)
+    scale = amax.clamp(min=1e-8) / 127.0
     return torch.clamp(torch.round(x32 / scale), -128, 127).to(torch.int8), scale
 
 
 def w8a8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
-                pre_quant_scale: torch.Tensor) -> torch.Tensor:
+                pre_quant_scale: torch.Tensor,
+                reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """SmoothQuant W8A8: (x * pre_quant_scale) quantized per token to int8, int8 x int8 -> int32
     matmul (`torch._int_mm`), rescaled by token and row scales. weight_t: int8 (in, out);
-    weight_scale: float32 (out,). Returns x's dtype."""
+    weight_scale: float32 (out,). Returns x's dtype. `reduce_amax`: see quantize_per_token_int8."""
     x2 = (x.reshape(-1, x.shape[-1]) * pre_quant_scale).contiguous()
-    xq, xs = quantize_per_token_int8(x2)
+    xq, xs = quantize_per_token_int8(x2, reduce_amax)
     if xq.shape[0] <= 16 and xq.device.type == "cuda":  # cuBLAS int8 needs M > 16
         xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
     acc = torch._int_mm(xq, weight_t)[: x2.shape[0]]  # (T, out) int32

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import QuantConfig
+from engine.parallel import all_reduce_max
 from engine.quant import kernels
 
 DEFAULT_GROUP_SIZE = 128
@@ -91,7 +92,10 @@ class W8A8Method(LinearMethod):
         layer.weight.data = layer.weight.data.t().contiguous().t()
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
-        return kernels.w8a8_linear(x, layer.weight.t(), layer.weight_scale, layer.pre_quant_scale)
+        # A row-parallel rank holds a slice of each token: quantizing it with the whole token's scale
+        # makes a TP engine compute what TP=1 (the build the accuracy gate measured) computes.
+        reduce = all_reduce_max if getattr(layer, "input_is_sharded", False) else None
+        return kernels.w8a8_linear(x, layer.weight.t(), layer.weight_scale, layer.pre_quant_scale, reduce)
 
 
 class Int4AwqMethod(LinearMethod):
