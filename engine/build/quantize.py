@@ -251,8 +251,8 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
         plain = BuildOptions(dtype=dtype, max_batch_size=options.max_batch_size, max_seq_len=options.max_seq_len,
                              max_num_tokens=options.max_num_tokens, kv_block_size=options.kv_block_size)
         staging = Path(tmp) / "engine"
-        builder._build(export_dir, name, staging, replace(plain, kv_cache_dtype=options.kv_cache_dtype),
-                       show_progress, source, start)
+        engine_options = replace(plain, kv_cache_dtype=options.kv_cache_dtype)
+        builder._build(export_dir, name, staging, engine_options, show_progress, source, start)
         reference_dir = builder._build(checkpoint_dir, name, Path(tmp) / "reference", plain, False, source, start)
         limits = {"max_batch_size": GREEDY_PROMPTS, "max_seq_len": min(GATE_WINDOW * 2, 512)}
         with console.status("[bold]accuracy gate: quantized vs unquantized on held-out text"):
@@ -263,8 +263,7 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
                 llm.engine.close()
         if options.tp_size > 1:  # gated above at tp1; now the requested shards of the same ModelOpt checkpoint
             staging = builder._build(export_dir, name, Path(tmp) / f"engine-tp{options.tp_size}",
-                                     replace(plain, kv_cache_dtype=options.kv_cache_dtype, tp_size=options.tp_size),
-                                     show_progress, source, start)
+                                     replace(engine_options, tp_size=options.tp_size), show_progress, source, start)
         _record(staging, gate, calib_file, len(calib), options, start)
         if not gate.passed and not options.force:
             raise BuildError(f"{gate.describe()}; the engine was not written (pass --force to keep it anyway)")
