@@ -1,11 +1,18 @@
 """`kiln bench offline`: in-process generation throughput of Kiln against Hugging Face
-`generate` (and vLLM's offline `LLM` where installed) on the same model and prompts.
+`generate` (one batched call) and vLLM's offline `LLM` on the same model and prompts.
+
+vLLM cannot be imported in Kiln's venv, so its row is measured by `benchmarks.vllm_offline`
+run with vLLM's interpreter (`make vllm` -> .venv-vllm, or $KILN_VLLM_PYTHON; "" = off),
+found as the vllm serving backend finds it; without it the row says "not installed: run
+make vllm". vLLM loads the Hugging Face checkpoint (`--hf-checkpoint`, else the engine's
+`source.checkpoint`), with `VLLM_CPU_KVCACHE_SPACE` GiB of KV cache (default 2).
 
 Fairness rules, applied to every backend: the same `batch` prompts of exactly `input_len`
 token ids (equal lengths, so Hugging Face needs no padding), greedy decoding, exactly
 `output_len` new tokens (EOS ignored: `ignore_eos` for Kiln and vLLM, `min_new_tokens` for
-Hugging Face), the same dtype, device and torch thread count. Kiln runs with prefix caching
-off so that repeated iterations do not reuse the previous one's KV cache.
+Hugging Face), the same dtype, device and torch thread count (vLLM: its OpenMP threads, bound to cores
+0..threads-1). Kiln and vLLM run with prefix caching off so that repeated iterations do not
+reuse the previous one's KV cache.
 
 Each iteration times a run with 1 new token (prefill, plus one sampling step) and a full
 run; decode tok/s = batch × (output_len − 1) / (full − prefill). Steps/s = decode tok/s /
@@ -188,24 +195,6 @@ class HFRunner(Runner):
         del self.model
 
 
-class VllmRunner(Runner):
-    def __init__(self, checkpoint: str, dtype: str, device: str) -> None:
-        import vllm
-
-        del device  # vLLM picks its platform itself
-        self.vllm = vllm
-        self.llm = vllm.LLM(model=checkpoint, dtype=dtype, seed=0, enable_prefix_caching=False)
-
-    def generate(self, prompts: list[list[int]], max_tokens: int) -> list[int]:
-        params = self.vllm.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        inputs = [{"prompt_token_ids": p} for p in prompts]
-        outs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [len(o.outputs[0].token_ids) for o in outs]
-
-    def close(self) -> None:
-        del self.llm
-
-
 def resolve_checkpoint(config: OfflineBenchConfig, engine: EngineConfig | None) -> str:
     """The Hugging Face checkpoint of the same weights: --hf-checkpoint, else the engine's
     `source.checkpoint`, else ENGINE itself when it is a checkpoint directory."""
@@ -263,13 +252,17 @@ def run_offline_benchmark(config: OfflineBenchConfig, console: Console | None = 
     runners: dict[str, Callable[[], Runner]] = {
         "kiln": lambda: KilnRunner(config.engine, dtype, config.device),
         "hf": lambda: HFRunner(resolve_checkpoint(config, engine_cfg), dtype, config.device),
-        "vllm": lambda: VllmRunner(resolve_checkpoint(config, engine_cfg), dtype, config.device),
     }
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
         for name in config.backends:
             task = progress.add_task(f"{name}: load", total=config.warmup + 2 * config.num_iters)
-            report.results.append(_measure(name, runners[name], prompts, config, report, progress, task))
+            if name == "vllm":
+                result = _measure_vllm(resolve_checkpoint(config, engine_cfg), dtype, prompts, config, report,
+                                       progress, task)
+            else:
+                result = _measure(name, runners[name], prompts, config, report, progress, task)
+            report.results.append(result)
             gc.collect()
     report.environment = collect_environment(config.engine)
     return report
@@ -278,36 +271,66 @@ def run_offline_benchmark(config: OfflineBenchConfig, console: Console | None = 
 def _measure(name: str, make: Callable[[], Runner], prompts: list[list[int]], config: OfflineBenchConfig,
              report: OfflineReport, progress: Progress, task: Any) -> BackendResult:
     start = time.perf_counter()
-    try:
-        runner = make()
-    except ImportError:
-        if name == "vllm":
-            progress.update(task, description="vllm: not installed", completed=progress.tasks[task].total)
-            return BackendResult(name, "not installed")
-        raise
+    runner = make()
     load_s = time.perf_counter() - start
+    prefills, totals, counts = [], [], []
     try:
         for _ in range(config.warmup):
             progress.update(task, description=f"{name}: warm-up")
             runner.generate(prompts, min(4, config.output_len))
             progress.advance(task)
-        prefills, totals = [], []
         for _ in range(config.num_iters):
             progress.update(task, description=f"{name}: prefill")
             t, _ = _time(lambda: runner.generate(prompts, 1))
             prefills.append(t)
             progress.advance(task)
             progress.update(task, description=f"{name}: generate")
-            t, counts = _time(lambda: runner.generate(prompts, config.output_len))
+            t, generated = _time(lambda: runner.generate(prompts, config.output_len))
             totals.append(t)
+            counts.append(generated)
             progress.advance(task)
-            if counts != [config.output_len] * len(prompts):
-                return BackendResult(name, f"failed: generated {counts[:4]}... tokens, expected "
-                                           f"{config.output_len} per prompt", load_s=load_s)
     finally:
         runner.close()
+    return _result(name, load_s, prefills, totals, counts, config, report)
+
+
+def _measure_vllm(checkpoint: str, dtype: str, prompts: list[list[int]], config: OfflineBenchConfig,
+                  report: OfflineReport, progress: Progress, task: Any) -> BackendResult:
+    """The same loop as `_measure`, run by `benchmarks.vllm_offline` in vLLM's own venv."""
+    import torch
+
+    from benchmarks.vllm_offline import measure_in_vllm_env
+
+    progress.update(task, description="vllm: load (its engine start takes minutes on CPU)")
+
+    started = [0]  # runs begun so far; each KILN_PROGRESS line starts one
+
+    def advance(what: str) -> None:
+        progress.update(task, description=f"vllm: {what}", completed=started[0])
+        started[0] += 1
+
+    job = {"checkpoint": str(Path(checkpoint).resolve()), "dtype": dtype, "prompts": prompts,
+           "output_len": config.output_len, "warmup": config.warmup, "num_iters": config.num_iters,
+           "threads": config.threads or torch.get_num_threads(), "seed": config.seed,
+           "max_model_len": config.input_len + config.output_len}
+    status, timings = measure_in_vllm_env(job, advance)
+    progress.update(task, completed=progress.tasks[task].total)
+    if timings is None:
+        progress.update(task, description=f"vllm: {status}")
+        return BackendResult("vllm", status)
+    return _result("vllm", timings["load_s"], timings["prefill_s"], timings["total_s"], timings["counts"],
+                   config, report)
+
+
+def _result(name: str, load_s: float, prefills: list[float], totals: list[float], counts: list[list[int]],
+            config: OfflineBenchConfig, report: OfflineReport) -> BackendResult:
+    """Medians and rates of one backend's runs; a run with the wrong token counts fails the row."""
+    for generated in counts:
+        if generated != [config.output_len] * config.batch:
+            return BackendResult(name, f"failed: generated {generated[:4]}... tokens, expected "
+                                       f"{config.output_len} per prompt", load_s=load_s)
     prefill_s, total_s = _median(prefills), _median(totals)
-    batch, out_tokens = len(prompts), len(prompts) * config.output_len
+    batch, out_tokens = config.batch, config.batch * config.output_len
     decode_s = total_s - prefill_s
     decode_tok_s = batch * (config.output_len - 1) / decode_s if decode_s > 0 else None
     steps = decode_tok_s / batch if decode_tok_s else None
