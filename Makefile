@@ -31,7 +31,8 @@ typecheck: venv
 # Tiny test models gain nothing from intra-op threads, and several processes (pytest,
 # tritonserver stubs) share two cores: one thread each avoids OpenMP oversubscription.
 pytest: venv
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests --ignore=tests/serving/test_backends_vllm.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests --ignore=tests/serving/test_backends_vllm.py \
+		--ignore=tests/benchmarks/test_offline_vllm.py
 
 test: lint typecheck pytest
 
@@ -49,9 +50,11 @@ $(VLLM_STAMP):
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
-# make test, plus the vLLM backend's end-to-end tests (~4 min install once, then ~5 min).
+# make test, plus the vLLM backend's end-to-end tests and the vLLM row of `kiln bench offline`
+# (~4 min install once, then ~5 min + ~2 min).
 test-all: test vllm
-	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/serving/test_backends_vllm.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest -q -p no:cacheprovider tests/serving/test_backends_vllm.py \
+		tests/benchmarks/test_offline_vllm.py
 
 clean:
 	rm -rf $(VENV) engines .pytest_cache
