@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(32, help="Prompts per batch."),
         input_len: int = typer.Option(128, help="Prompt tokens (exact)."),
         output_len: int = typer.Option(128, help="New tokens per prompt (exact, EOS ignored)."),
-        backend: str = typer.Option("kiln,hf,vllm", help="Comma-separated: kiln, hf, vllm (vllm where installed)."),
+        backend: str = typer.Option("kiln,hf,vllm", help="Comma-separated: kiln, hf, vllm (vllm runs in .venv-vllm: make vllm)."),
         hf_checkpoint: Path = typer.Option(None, help="Hugging Face checkpoint of the same weights "
                                            "(default: the engine's source.checkpoint)."),
         dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: the engine's build dtype)."),
