@@ -172,3 +172,27 @@ def test_int4_split_that_cuts_a_group_is_a_build_error(modelopt_dir: Callable[[s
         build_engine(checkpoint, tmp_path / "e", BuildOptions(quantization="int4_awq", group_size=128, tp_size=2),
                      progress=False)
     assert not any(tmp_path.iterdir())  # no engine, no staging or calibration leftovers
+
+
+def test_quantized_build_with_tp2_gates_then_writes_the_shards_of_what_it_gated(checkpoint: Path,
+                                                                               tmp_path: Path) -> None:
+    """`build-engine CKPT --fp8 --tp 2`: ModelOpt calibration, the gate (on the TP=1 build of the
+    export), then the TP=2 shards of that same export."""
+    export = tmp_path / "hf"
+    options = BuildOptions(dtype="float32", quantization="fp8", tp_size=2, calib_size=2, export_hf=str(export),
+                           force=True)  # the gate's verdict on random weights is not the subject here
+    engine = build_engine(checkpoint, tmp_path / "fp8-tp2", options, progress=False)
+    config = load_engine_config(engine)
+    assert (config.build.tp_size, config.build.quantization.algo) == (2, "fp8")
+    report = json.loads((engine / "build_report.json").read_text())
+    assert set(report["bytes_per_rank"]) == {"rank0.safetensors", "rank1.safetensors"}
+    assert report["accuracy"]["algo"] == "fp8" and report["accuracy"]["num_tokens"] > 0
+    assert report["calibration"]["config"] == "FP8_DEFAULT_CFG"
+    tp1 = build_engine(export, tmp_path / "tp1", BuildOptions(dtype="float32"), progress=False)
+    full = _tensors(tp1 / "rank0.safetensors")
+    shards = [_tensors(engine / f"rank{r}.safetensors") for r in range(2)]
+    assert set(shards[0]) == set(full)
+    for name, tensor in full.items():
+        whole = _reassemble(name, [s[name] for s in shards], config.model)
+        assert torch.equal(whole.view(torch.uint8), tensor.view(torch.uint8)), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8-tp2", "hf", "tp1"]  # no staging leftovers
