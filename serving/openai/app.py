@@ -1,7 +1,7 @@
 """The gateway's FastAPI app: routes, bearer-token check and OpenAI-shaped error responses.
 
     GET  /health                 200 when Triton and the model are ready, else 503
-    GET  /v1/models              the one served model
+    GET  /v1/models              the one served model (+ "backend": what serves it behind Triton)
     POST /v1/completions         text completions (SSE when stream=true)
     POST /v1/chat/completions    chat completions through the tokenizer's chat template
 
@@ -63,6 +63,9 @@ class _LazyUpstream:
 
     async def signature(self) -> ModelSignature:
         return await self.get().signature()
+
+    async def backend(self) -> str | None:
+        return await self.get().backend()
 
     def generate(self, gen: GenerationRequest, request_id: str) -> AsyncGenerator[GenerationChunk, None]:
         return self.get().generate(gen, request_id)
@@ -130,12 +133,12 @@ def create_app(config: GatewayConfig, prompts: PromptProcessor) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[Depends(check_api_key)])
     async def models() -> JSONResponse:
-        return JSONResponse(R.models_response(handler.model_ids, handler.created))
+        return JSONResponse(R.models_response(handler.model_ids, handler.created, await upstream.backend()))
 
     @app.get("/v1/models/{model:path}", dependencies=[Depends(check_api_key)])
     async def model(model: str) -> JSONResponse:
         handler.check_model(model)
-        return JSONResponse(R.models_response([model], handler.created)["data"][0])
+        return JSONResponse(R.models_response([model], handler.created, await upstream.backend())["data"][0])
 
     @app.post("/v1/completions", dependencies=[Depends(check_api_key)])
     async def completions(body: CompletionRequest, request: Request) -> Any:

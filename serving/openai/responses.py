@@ -165,10 +165,13 @@ def chat_usage_chunk(meta: ResponseMeta, prompt_tokens: int, completion_tokens: 
     }
 
 
-def models_response(models: list[str], created: int) -> dict[str, Any]:
+def models_response(models: list[str], created: int, backend: str | None = None) -> dict[str, Any]:
+    """OpenAI's model list; `backend` (kiln | vllm | hf, a Kiln extension field) when known."""
+    extra = {"backend": backend} if backend else {}
     return {
         "object": "list",
-        "data": [{"id": model, "object": "model", "created": created, "owned_by": "kiln"} for model in models],
+        "data": [{"id": model, "object": "model", "created": created, "owned_by": "kiln", **extra}
+                 for model in models],
     }
 
 

@@ -86,6 +86,7 @@ class TritonUpstream:
         self._client = grpcclient.InferenceServerClient(url)
         self._signature: ModelSignature | None = None
         self._signature_lock = asyncio.Lock()
+        self._backend: str | None = None
 
     async def close(self) -> None:
         await self._client.close()
@@ -96,6 +97,18 @@ class TritonUpstream:
             return bool(await self._client.is_model_ready(self.model_name))
         except Exception:  # connection refused, timeout: not ready
             return False
+
+    async def backend(self) -> str | None:
+        """What serves the model (its config's `backend` parameter: kiln | vllm | hf), fetched once;
+        None when Triton cannot say (unreachable, or a model that is not Kiln's)."""
+        if self._backend is None:
+            try:
+                config = await self._client.get_model_config(self.model_name, as_json=True)
+            except Exception:  # connection refused, unknown model: nothing to report
+                return None
+            parameters = config.get("config", {}).get("parameters", {})
+            self._backend = str(parameters.get("backend", {}).get("string_value", ""))
+        return self._backend or None
 
     async def signature(self) -> ModelSignature:
         """The model's declared tensors, fetched once; 503 if Triton or the model is unavailable."""
