@@ -40,6 +40,9 @@ class Backend(ABC):
     def __init__(self, options: BackendOptions) -> None:
         self.options = options
         self.clock_origin = time.perf_counter()
+        # What serves the model behind the endpoint (kiln | vllm | hf for Kiln), set by `start`
+        # where the server says: Triton's model config, the OpenAI gateway's /models.
+        self.serving_backend: str | None = None
 
     def now(self) -> float:
         """Seconds since `clock_origin` (perf_counter based)."""

@@ -21,6 +21,20 @@ from benchmarks.errors import BenchmarkError
 from benchmarks.metrics import RequestRecord
 
 
+def _serving_backend(models: Any, model: str) -> str | None:
+    """What serves `model`, from a GET /models response: Kiln's gateway adds "backend" (kiln |
+    vllm | hf); other servers say at most `owned_by` (vLLM's: "vllm")."""
+    try:
+        entries = models.json().get("data") or []
+    except (ValueError, AttributeError):
+        return None
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("id") == model:
+            value = entry.get("backend") or entry.get("owned_by")
+            return str(value) if value else None
+    return None
+
+
 class OpenAIBackend(Backend):
     """Shared plumbing: one pooled `httpx.AsyncClient`, SSE parsing, usage."""
 
@@ -51,6 +65,7 @@ class OpenAIBackend(Backend):
             raise BenchmarkError(
                 f"--url {self.base_url}: GET /models -> HTTP {response.status_code} {response.text[:200]}"
             )
+        self.serving_backend = _serving_backend(response, self.options.model)
 
     async def close(self) -> None:
         if self.client is not None:

@@ -37,6 +37,12 @@ _NUMPY_DTYPES = {
 }
 
 
+def serving_backend(model_config: dict[str, Any]) -> str | None:
+    """The `backend` parameter of a Kiln model's Triton config (kiln | vllm | hf), else None."""
+    value = model_config.get("parameters", {}).get("backend", {}).get("string_value")
+    return str(value) if value else None
+
+
 class ModelSignature:
     """The inputs and outputs a Triton model declares, and the request values Kiln sends it."""
 
@@ -108,6 +114,11 @@ class TritonGrpcBackend(Backend):
             await self.close()
             raise BenchmarkError(f"--url {url}: cannot read model {self.options.model!r} ({exc.message()})") from None
         self.signature = ModelSignature(self.options.model, metadata, self.options)
+        try:
+            config = await self.client.get_model_config(self.options.model, as_json=True)
+        except InferenceServerException:
+            config = {}
+        self.serving_backend = serving_backend(config.get("config", {}))
 
     async def close(self) -> None:
         if self.client is not None:
@@ -200,6 +211,11 @@ class TritonHttpBackend(Backend):
             await self.close()
             raise BenchmarkError(f"--url {self.base_url}: GET {url} -> HTTP {response.status_code} {response.text[:200]}")
         self.signature = ModelSignature(self.options.model, response.json(), self.options)
+        try:
+            config = await self.client.get(f"{url}/config")
+            self.serving_backend = serving_backend(config.json()) if config.status_code == 200 else None
+        except (httpx.HTTPError, ValueError):
+            self.serving_backend = None
 
     async def close(self) -> None:
         if self.client is not None:
