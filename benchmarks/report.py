@@ -24,10 +24,12 @@ def server_ttft_ms(run: RunResult) -> float | None:
     return hist["mean"] * 1000.0 if hist and hist.get("mean") is not None else None
 
 
-def run_table(run: RunResult) -> Table:
-    """vLLM's result block as a table: counts and throughputs, then each latency's statistics."""
+def run_table(run: RunResult, serving_backend: str | None = None) -> Table:
+    """vLLM's result block as a table: counts and throughputs, then each latency's statistics;
+    the title names the sweep point and, when known, what served the model."""
     m = run.metrics
-    title = f"{run.label}" + (" [yellow](interrupted)[/]" if run.interrupted else "")
+    served = f" served by {serving_backend}" if serving_backend else ""
+    title = f"{run.label}{served}" + (" [yellow](interrupted)[/]" if run.interrupted else "")
     table = Table(title=title, title_justify="left")
     table.add_column("metric")
     for stat in _STATS:
@@ -78,7 +80,7 @@ def sweep_table(runs: Sequence[RunResult]) -> Table:
 
 def print_serve_report(report: ServeReport, console: Console) -> None:
     for run in report.runs:
-        console.print(run_table(run))
+        console.print(run_table(run, report.serving_backend))
         failures = [r.error for r in run.records if not r.success and not r.cancelled]
         for error in failures[:3]:
             console.print(f"[red]failed:[/] {error}", highlight=False)
