@@ -3,12 +3,14 @@
 Serve results::
 
     {"kiln_bench": 1, "kind": "serve", "config": {...every flag...}, "environment": {...},
+     "serving_backend": "kiln" | "vllm" | "hf" | null,
      "runs": [{"request_rate": 4.0 | "inf", "max_concurrency": 16 | null, "burstiness": 1.0,
                "interrupted": false, "metrics": {...BenchmarkMetrics...},
                "server_metrics": {...} | null, "records": [{...RequestRecord...}, ...]}]}
 
 Offline results have `"kind": "offline"` and `"results"` instead of `"runs"` (see
-`benchmarks.offline`). JSON has no infinity, so an infinite request rate is the string "inf".
+`benchmarks.offline`). `serving_backend` is what served the model, as the server said
+(Triton's model config, the OpenAI gateway's /models); null when it did not say. JSON has no infinity, so an infinite request rate is the string "inf".
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ class ServeReport:
     config: dict[str, Any]
     environment: dict[str, Any]
     runs: list[RunResult] = field(default_factory=list)
+    serving_backend: str | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -98,6 +101,7 @@ class ServeReport:
             "kind": "serve",
             "config": self.config,
             "environment": self.environment,
+            "serving_backend": self.serving_backend,
             "runs": [run.to_dict() for run in self.runs],
         }
 
@@ -132,4 +136,5 @@ def load_serve_report(raw: dict[str, Any]) -> ServeReport:
         config=raw.get("config", {}),
         environment=raw.get("environment", {}),
         runs=[RunResult.from_dict(r) for r in raw.get("runs", [])],
+        serving_backend=raw.get("serving_backend"),
     )

@@ -185,9 +185,11 @@ async def run_serve_benchmark(
     backend = make_backend(config.backend, options)
     stop = asyncio.Event()
     await backend.start()
+    report.serving_backend = backend.serving_backend
     try:
         with _sigint_sets(stop):
-            console.print(f"[bold]kiln bench serve[/] {config.backend} {config.url} model={config.model}: "
+            served = f" (served by {backend.serving_backend})" if backend.serving_backend else ""
+            console.print(f"[bold]kiln bench serve[/] {config.backend} {config.url} model={config.model}{served}: "
                           f"{len(requests)} prompts ({config.dataset}), warm-up {config.num_warmups}")
             await _unless_stopped(warm_up(backend, requests[0], config.num_warmups, config.max_concurrencies[0]), stop)
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())

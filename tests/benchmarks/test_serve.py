@@ -1,6 +1,7 @@
 """`kiln bench serve` end to end against a real Triton server (and the OpenAI gateway) serving
 a tiny Kiln engine: every request succeeds, output lengths are what was asked with
---ignore-eos, load shapes are honoured, and TTFT agrees with the server's own histogram."""
+--ignore-eos, load shapes are honoured, and TTFT agrees with the server's own histogram. The
+result names what served the model (kiln here; hf for a checkpoint served by transformers)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def test_grpc_streaming_run_agrees_with_server_ttft(triton_server, bench_engine:
     report = run(config_for(triton_server, bench_engine, "triton-grpc", max_concurrencies=(2,), num_warmups=4,
                             output_len=8))
     assert_every_request_exact(report, output_len=8)
+    assert report.serving_backend == "kiln"  # from Triton's model config
     (point,) = report.runs
     assert point.metrics.peak_concurrency <= 2
     assert point.metrics.total_input_tokens == INPUT_LEN * 16
@@ -69,6 +71,7 @@ def test_http_sweep_follows_the_poisson_schedule(triton_server, bench_engine: Pa
     report = run(cfg)
     assert [r.request_rate for r in report.runs] == [20.0, math.inf]
     assert_every_request_exact(report)
+    assert report.serving_backend == "kiln"
     schedule = arrival_offsets(12, 20.0, 1.0, seed=1)
     released = [r.arrival_time for r in report.runs[0].records]
     assert released == pytest.approx(schedule, abs=0.05)
@@ -110,8 +113,36 @@ def test_openai_backends_through_the_gateway(triton_server, bench_engine: Path) 
                              max_concurrencies=(4,))
             report = run(cfg, api_key="secret")
             assert_every_request_exact(report)
+            assert report.serving_backend == "kiln"  # the gateway's /v1/models "backend"
     finally:
         gateway.stop()
+
+
+def test_results_name_the_hf_backend_when_transformers_serves(tiny_checkpoint, tmp_path: Path) -> None:
+    """The same checkpoint served by `--backend hf`: every client kind reports hf."""
+    from serving.openai.runner import GatewayServer
+    from serving.triton.launcher import TritonServer, pick_free_port
+    from serving.triton.repository import RepoOptions, write_model_repository
+
+    checkpoint = tiny_checkpoint("llama-gqa")
+    write_model_repository(checkpoint, tmp_path / "repo", RepoOptions(backend="hf"))
+    server = TritonServer(tmp_path / "repo")
+    gateway = None
+    try:
+        server.start()
+        server.wait_ready()
+        gateway = GatewayServer(server.grpc_url, "ensemble", checkpoint, port=pick_free_port()).start()
+        for backend, url in (("triton-grpc", server.grpc_url), ("triton-http", server.http_url),
+                             ("openai", gateway.url + "/v1")):
+            report = run(config_for(server, checkpoint, backend, url=url, num_prompts=4, output_len=4,
+                                    max_concurrencies=(4,)))
+            assert_every_request_exact(report, output_len=4)
+            assert report.serving_backend == "hf", backend
+            assert report.to_dict()["serving_backend"] == "hf"
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        server.stop()
 
 
 KILN = [sys.executable, "-m", "cli.main"]
@@ -129,7 +160,9 @@ def test_cli_writes_json_csv_and_plots(triton_server, bench_engine: Path, tmp_pa
     )
     assert done.returncode == 0, done.stderr
     assert "TTFT (ms)" in done.stdout and "sweep" in done.stdout
+    assert "rate=inf conc=1 served by kiln" in done.stdout  # the table header
     saved = json.loads(out.read_text())
+    assert saved["serving_backend"] == "kiln"
     assert saved["config"]["max_concurrencies"] == [1, 2] and saved["config"]["slo"] == {"ttft": 60000.0,
                                                                                           "tpot": 60000.0}
     env = saved["environment"]
