@@ -66,6 +66,13 @@ def build(
     export_hf: Annotated[
         str | None, typer.Option(help="Also keep ModelOpt's unified HF checkpoint (hf_quant_config.json) here.")
     ] = None,
+    embedding_quant: Annotated[
+        str, typer.Option(help="auto | none | int8: per-row int8 embedding / LM head "
+                               "(auto: int8 with --int8, --int4-awq, --w8a8).")
+    ] = "auto",
+    smoothquant_alpha: Annotated[
+        float | None, typer.Option(help="--w8a8 SmoothQuant migration strength in [0, 1] (default 0.5).")
+    ] = None,
     lora: Annotated[
         list[str] | None, typer.Option(help="PEFT LoRA adapter dir to merge before building (repeatable).")
     ] = None,
@@ -97,6 +104,8 @@ def build(
         accuracy_budget=accuracy_budget,
         force=force,
         export_hf=export_hf,
+        embedding_quant=embedding_quant,
+        smoothquant_alpha=smoothquant_alpha,
         dtype=dtype,
         max_batch_size=max_batch_size,
         max_seq_len=max_seq_len,

@@ -31,6 +31,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANT_ALGOS = ("none", "fp8", "int8_wo", "int4_awq", "w8a8_sq")
 KV_CACHE_DTYPES = ("auto", "fp8", "int8")
+EMBEDDING_QUANTS = ("none", "int8")
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
+    """Weight quantization `algo` of the decoder's linear layers (int4 in groups of `group_size`
+    input columns), the KV-cache dtype, and `embedding`: "int8" when the vocab tables (the
+    embedding, and the LM head or the tied embedding that serves as one) are per-row int8."""
+
     algo: str = "none"
     group_size: int | None = None
     kv_cache_dtype: str = "auto"
+    embedding: str = "none"
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
@@ -168,6 +174,10 @@ def parse_engine_config(raw: dict[str, Any], origin: str = "config.json") -> Eng
         raise EngineLoadError(
             f"{origin}: build.quantization.kv_cache_dtype {quant.kv_cache_dtype!r} is not one of "
             f"{list(KV_CACHE_DTYPES)}"
+        )
+    if quant.embedding not in EMBEDDING_QUANTS:
+        raise EngineLoadError(
+            f"{origin}: build.quantization.embedding {quant.embedding!r} is not one of {list(EMBEDDING_QUANTS)}"
         )
     for name in ("tp_size", "max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
         _positive(getattr(build, name), f"{origin}: build.{name}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.config import DTYPES, KV_CACHE_DTYPES, QUANT_ALGOS
+from engine.config import DTYPES, EMBEDDING_QUANTS, KV_CACHE_DTYPES, QUANT_ALGOS
 from engine.errors import BuildError
 
 
@@ -29,6 +29,11 @@ class BuildOptions:
     accuracy_budget: float | None = None
     force: bool = False
     export_hf: str | None = None
+    # Vocab tables (embedding / LM head): "auto" = int8 for --int8, --int4-awq and --w8a8 builds
+    # calibrated here, unquantized otherwise (and for ModelOpt checkpoints made elsewhere).
+    embedding_quant: str = "auto"
+    # SmoothQuant migration strength for --w8a8 (None: ModelOpt's default).
+    smoothquant_alpha: float | None = None
     # LoRA adapters (PEFT) merged into the checkpoint before anything else, in order.
     lora: tuple[str, ...] = ()
     # Prompt-tuned tasks served by the engine: (task name, PEFT prompt-tuning/p-tuning adapter dir).
@@ -58,6 +63,13 @@ class BuildOptions:
                 raise BuildError("--group-size applies only to --int4-awq")
             if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 32:
                 raise BuildError(f"--group-size must be a positive multiple of 32, got {self.group_size!r}")
+        if self.embedding_quant not in ("auto", *EMBEDDING_QUANTS):
+            raise BuildError(f"--embedding-quant {self.embedding_quant!r} is not one of {['auto', *EMBEDDING_QUANTS]}")
+        if self.smoothquant_alpha is not None:
+            if self.quantization != "w8a8_sq":
+                raise BuildError("--smoothquant-alpha applies only to --w8a8")
+            if not 0.0 <= self.smoothquant_alpha <= 1.0:
+                raise BuildError(f"--smoothquant-alpha must be in [0, 1], got {self.smoothquant_alpha!r}")
         if self.calib_size <= 0:
             raise BuildError(f"--calib-size must be a positive integer, got {self.calib_size!r}")
         if self.accuracy_budget is not None and not self.accuracy_budget >= 1.0:

@@ -108,10 +108,11 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         rope = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, dtype, quant)
         self.layers = nn.ModuleList(DecoderLayer(cfg, rope, dtype, quant) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else ParallelLMHead(cfg.vocab_size, cfg.hidden_size, dtype, quant))
         self.rope = rope  # registered once; layers share it
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
@@ -134,6 +135,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (S, H) -> float32 logits (S, vocab)."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = all_gather_last_dim(F.linear(hidden, weight))
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        logits = all_gather_last_dim(head.linear(hidden))
         return logits[:, : self.config.vocab_size].float()

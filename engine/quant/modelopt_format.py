@@ -15,6 +15,9 @@ Kiln fuses q/k/v and gate/up as for float checkpoints and re-lays each weight ou
 kernels (`engine/quant/kernels.py`): per-tensor FP8 scales become per-row scales (so fused
 projections keep each part's scale), INT4 is repacked along the input dimension. Static
 activation scales (`input_scale`) are not used: Kiln quantizes activations dynamically.
+ModelOpt leaves the vocab tables unquantized; with `quant.embedding == "int8"` Kiln quantizes
+them itself (`embed_tokens.weight` / `lm_head.weight` int8 (V, H) + `weight_scale` (V,), per row,
+round to nearest).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ MODELOPT_ALGOS: dict[str, str] = {
     "W4A16": "int4_awq",  # ModelOpt's INT4 blockwise round-to-nearest: the same layout, no AWQ scales
 }
 LINEAR_SUFFIXES = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight")
+VOCAB_TABLES = ("embed_tokens.weight", "lm_head.weight")
 
 
 def is_modelopt_checkpoint(path: str | Path) -> bool:
@@ -83,6 +87,10 @@ def quantized_shapes(model: ModelConfig, quant: QuantConfig) -> dict[str, tuple[
             shapes[base + "weight_scale"] = (out,)
         if quant.algo in ("int4_awq", "w8a8_sq"):
             shapes[base + "pre_quant_scale"] = (cols,)
+    if quant.embedding == "int8":
+        for name in VOCAB_TABLES:
+            if name in expected_shapes(model):
+                shapes[name[: -len("weight")] + "weight_scale"] = (expected_shapes(model)[name][0],)
     return shapes
 
 
@@ -161,6 +169,9 @@ def iter_quantized_kiln_tensors(
     for p in planned:
         if p.name.endswith(LINEAR_SUFFIXES):
             produced = _linear(p.name, p.sources, quant, dtype, load, available)
+        elif p.name in VOCAB_TABLES and quant.embedding == "int8":
+            q, scale = kernels.quantize_rows_int8(p.fuse(*(load(s) for s in p.sources)))
+            produced = iter([(p.name, q), (p.name[: -len("weight")] + "weight_scale", scale)])
         else:
             produced = iter([(p.name, p.fuse(*(load(s) for s in p.sources)).to(dtype))])
         for name, tensor in produced:
