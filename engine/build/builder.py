@@ -248,7 +248,13 @@ def _quant_config(checkpoint_dir: Path, options: BuildOptions) -> QuantConfig:
     from engine.quant.modelopt_format import is_modelopt_checkpoint, read_modelopt_quant_config
 
     quant = read_modelopt_quant_config(checkpoint_dir) if is_modelopt_checkpoint(checkpoint_dir) else QuantConfig()
-    return replace(quant, kv_cache_dtype=options.kv_cache_dtype)
+    # "auto" keeps a ModelOpt checkpoint's vocab tables as its authors left them (unquantized);
+    # Kiln's own quantized builds resolve "auto" before they get here (engine/build/quantize.py).
+    embedding = "none" if options.embedding_quant == "auto" else options.embedding_quant
+    if embedding != "none" and quant.algo == "none":
+        raise BuildError(f"--embedding-quant {embedding} needs quantized weights (--fp8, --int8, --int4-awq, --w8a8 "
+                         "or a ModelOpt checkpoint)")
+    return replace(quant, kv_cache_dtype=options.kv_cache_dtype, embedding=embedding)
 
 
 def _write_weights(

@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.config import QuantConfig
 from engine.parallel import all_reduce, get_tp_rank, get_tp_size
-from engine.quant.methods import get_linear_method
+from engine.quant.methods import get_embedding_method, get_linear_method
 
 
 def _empty(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -105,32 +105,49 @@ def local_head_counts(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
     return num_heads // tp, 1
 
 
-class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> None:
+class _VocabParallelTable(nn.Module):
+    """This rank's rows [r*s, (r+1)*s) of a vocab table, s = ceil(V / tp): in the model dtype, or
+    per-row int8 when the engine quantizes its embedding (`quant.embedding`, engine/quant/methods.py)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         tp = get_tp_size()
+        self.vocab_size = vocab_size
         self.shard_size = math.ceil(vocab_size / tp)
         self.vocab_start = get_tp_rank() * self.shard_size
-        self.weight = _empty(self.shard_size, hidden_size, dtype=dtype)
+        self.quant_method = get_embedding_method(quant)
+        if self.quant_method is None:
+            self.weight = _empty(self.shard_size, hidden_size, dtype=dtype)
+        else:
+            self.quant_method.create_weights(self, self.shard_size, hidden_size, dtype)
 
+    def rows(self, local_ids: torch.Tensor) -> torch.Tensor:
+        """local_ids (T,) in [0, shard_size) -> their rows (T, H) in the compute dtype."""
+        if self.quant_method is None:
+            return F.embedding(local_ids, self.weight)
+        return self.quant_method.embed(self, local_ids)
+
+    def linear(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (S, H) -> this rank's logits (S, shard_size): hidden @ table^T."""
+        if self.quant_method is None:
+            return F.linear(hidden, self.weight)
+        return self.quant_method.apply(self, hidden)
+
+
+class VocabParallelEmbedding(_VocabParallelTable):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if get_tp_size() == 1:
-            return F.embedding(input_ids, self.weight)
+            return self.rows(input_ids)
         local = input_ids - self.vocab_start
         in_shard = (local >= 0) & (local < self.shard_size)
-        out = F.embedding(local.clamp(0, self.shard_size - 1), self.weight)
+        out = self.rows(local.clamp(0, self.shard_size - 1))
         out = out * in_shard.unsqueeze(-1).to(out.dtype)
         return all_reduce(out)
 
 
-class ParallelLMHead(nn.Module):
+class ParallelLMHead(_VocabParallelTable):
     """This rank's vocab slice of the output projection (the model all-gathers the logits)."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.shard_size = math.ceil(vocab_size / get_tp_size())
-        self.weight = _empty(self.shard_size, hidden_size, dtype=dtype)
 
 
 class RotaryEmbedding(nn.Module):
