@@ -100,9 +100,13 @@ def test_tp2_generates_what_tp1_generates(algo: str, engines: Callable[[str], di
     tokens2, logits2 = _run(dirs[2])
     assert tokens2 == tokens1
     assert logits2.shape == logits1.shape
-    # Only the order of float additions differs (partial sums all-reduced); w8a8's per-token
-    # activation scales are the whole token's on every rank, so its int8 rounding is the same too.
-    assert (logits2 - logits1).abs().max().item() <= 1e-4 * logits1.abs().max().item()
+    # Only the order of float additions differs (partial sums all-reduced). w8a8 quantizes each
+    # rank's slice of a token with the whole token's scale, so its int8 activations are TP=1's,
+    # except where an input lies within a float rounding of a .5 boundary and rounds one step the
+    # other way: a rare, small change at one position. (Per-rank scales move every position.)
+    per_position = (logits2 - logits1).abs().amax(-1) / logits1.abs().max()  # (len(SCORE_IDS),)
+    assert int((per_position > 1e-4).sum()) <= (3 if algo == "w8a8_sq" else 0)
+    assert per_position.max().item() <= 0.02
     assert not child_pids(os.getpid())  # the TP=2 worker is gone
 
 
