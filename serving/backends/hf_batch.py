@@ -72,7 +72,7 @@ class PaddedKVBatch:
         self.pads = [self.pads[i] for i in rows]
         trim = min(self.pads)  # columns that are padding in every remaining row
         self.pads = [pad - trim for pad in self.pads]
-        self._map_layers(lambda kv: kv.index_select(0, index)[:, :, trim:])
+        self._map_layers(lambda kv: kv.index_select(0, index.to(kv.device))[:, :, trim:])
         return dropped
 
     def attention_mask(self) -> torch.Tensor:
