@@ -81,10 +81,11 @@ def _check_int4_groups(model: ModelConfig, group: int, tp_size: int) -> None:
     row_parallel_inputs = {"o_proj": model.num_heads * model.head_dim, "down_proj": model.intermediate_size}
     for layer, width in row_parallel_inputs.items():
         if (width // tp_size) % group:
+            groups = width // group
+            fix = f"a --tp that divides {groups}" if groups > 1 else "--tp 1"
             raise BuildError(
                 f"--tp {tp_size} gives each rank {width // tp_size} of {layer}'s {width} input features, not a "
-                f"multiple of the int4 --group-size {group}; use a --tp that divides {width // group}, or a "
-                "smaller --group-size"
+                f"multiple of the int4 --group-size {group}; use {fix}, or a smaller --group-size"
             )
 
 
