@@ -200,3 +200,12 @@ def test_quantized_build_with_tp2_gates_then_writes_the_shards_of_what_it_gated(
         whole = _reassemble(name, [s[name] for s in shards], config.model)
         assert torch.equal(whole.view(torch.uint8), tensor.view(torch.uint8)), name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8-tp2", "hf", "tp1"]  # no staging leftovers
+
+
+def test_int4_group_size_is_chosen_for_the_split() -> None:
+    from engine.build.quantize import _int4_group_size
+
+    tiny = {"hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE, "num_attention_heads": 4, "head_dim": 32}
+    assert [_int4_group_size(tiny, None, tp) for tp in (1, 2, 4)] == [128, 64, 32]
+    smollm2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
+    assert [_int4_group_size(smollm2, None, tp) for tp in (1, 3)] == [64, 64]
