@@ -24,8 +24,10 @@ from engine.errors import BuildError
 # Tiny GQA Llama (4 query heads of 32, 2 KV heads): o_proj's input 128 and down_proj's 256 split
 # into 64 and 128 per rank at --tp 2, whole int4 groups of 64; at --tp 4, o_proj's 32 are not.
 HIDDEN, INTERMEDIATE, INT4_GROUP = 128, 256, 64
-# Each algorithm with the KV cache it is tested with (the quantized caches split by KV head too).
+# Each algorithm with the KV cache it is tested with (the quantized caches split by KV head too),
+# and its vocab table: int8 (V, H) + (V,) scales split by vocab rows like the float one.
 KV_CACHE = {"int8_wo": "int8", "w8a8_sq": "auto", "int4_awq": "auto", "fp8": "fp8"}
+EMBEDDING = {"int8_wo": "int8", "w8a8_sq": "none", "int4_awq": "int8", "fp8": "none"}
 PROMPTS = ["hello world", "the quick brown fox jumps over a lazy dog while machine learning",
            "what is why how many numbers one two three", "tokens batches kernels engines serve requests"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -73,7 +75,8 @@ def engines(modelopt_dir: Callable[[str], Path], tmp_path_factory: pytest.TempPa
         if algo not in cache:
             root = tmp_path_factory.mktemp(f"engines-{algo}")
             cache[algo] = {tp: build_engine(modelopt_dir(algo), root / f"tp{tp}", progress=False, options=BuildOptions(
-                dtype="float32", tp_size=tp, kv_cache_dtype=KV_CACHE[algo], max_seq_len=128, max_batch_size=8))
+                dtype="float32", tp_size=tp, kv_cache_dtype=KV_CACHE[algo], embedding_quant=EMBEDDING[algo],
+                max_seq_len=128, max_batch_size=8))
                 for tp in (1, 2)}
         return cache[algo]
 
@@ -95,7 +98,8 @@ def test_tp2_generates_what_tp1_generates(algo: str, engines: Callable[[str], di
     dirs = engines(algo)
     config = load_engine_config(dirs[2])
     assert (config.build.tp_size, config.build.quantization.algo) == (2, algo)
-    assert config.build.quantization.kv_cache_dtype == KV_CACHE[algo]
+    assert (config.build.quantization.kv_cache_dtype, config.build.quantization.embedding) == (
+        KV_CACHE[algo], EMBEDDING[algo])
     tokens1, logits1 = _run(dirs[1])
     tokens2, logits2 = _run(dirs[2])
     assert tokens2 == tokens1
@@ -154,10 +158,11 @@ def test_shards_reassemble_to_tp1_and_bytes_add_up(algo: str, engines: Callable[
         assert all(p.dtype == tensor.dtype for p in parts), name
         whole = _reassemble(name, parts, m)
         assert whole.shape == tensor.shape and torch.equal(whole.view(torch.uint8), tensor.view(torch.uint8)), name
-        if parts[0].shape == tensor.shape and not name.startswith("embed_tokens."):
+        if parts[0].shape == tensor.shape and not name.startswith(("embed_tokens.", "lm_head.")):
             replicated += tensor.nbytes
-    embed = full["embed_tokens.weight"]
-    padding = (2 * math.ceil(m.vocab_size / 2) - m.vocab_size) * embed[0].nbytes
+    pad_rows = 2 * math.ceil(m.vocab_size / 2) - m.vocab_size
+    padding = sum(pad_rows * t[0].nbytes for n, t in full.items() if n.startswith(("embed_tokens.", "lm_head.")))
+    assert ("embed_tokens.weight_scale" in full) == (EMBEDDING[algo] == "int8")
     tp1 = json.loads((dirs[1] / "build_report.json").read_text())["bytes_per_rank"]
     tp2 = json.loads((dirs[2] / "build_report.json").read_text())["bytes_per_rank"]
     assert tp1 == {"rank0.safetensors": sum(t.nbytes for t in full.values())}

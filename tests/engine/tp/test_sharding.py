@@ -59,6 +59,14 @@ def test_gate_up_row_parallel_vocab_and_replicated_rules() -> None:
     assert _rows(shard_tensor("embed_tokens.weight", embed, m, 2, 1)) == [4, 5, 0]  # zero padding row
     norm = torch.arange(4, dtype=torch.float32)
     assert shard_tensor("layers.0.input_layernorm.weight", norm, m, 2, 1).tolist() == norm.tolist()
+    # A quantized vocab table: int8 rows and their (V,) scales (or int4 (V, H/2) + (V, H/group))
+    # split by vocab rows like the float table; padding rows are zero (scale 0: they dequantize to 0).
+    q_embed = torch.arange(1, 11, dtype=torch.int8).reshape(5, 2)
+    assert shard_tensor("embed_tokens.weight", q_embed, m, 2, 1).tolist() == [[7, 8], [9, 10], [0, 0]]
+    q_scale = torch.arange(1, 6, dtype=torch.float32)
+    assert shard_tensor("embed_tokens.weight_scale", q_scale, m, 2, 1).tolist() == [4, 5, 0]
+    group_scales = torch.arange(1, 11, dtype=torch.float32).reshape(5, 2)
+    assert shard_tensor("lm_head.weight_scale", group_scales, m, 2, 0).tolist() == [[1, 2], [3, 4], [5, 6]]
     # Quantization scales shard with their weight: per-output-channel of a column-parallel layer
     # splits like its rows; per-output-channel of a row-parallel layer and per-tensor are replicated.
     scale = torch.arange(8, dtype=torch.float32).unsqueeze(1)
