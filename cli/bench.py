@@ -122,6 +122,44 @@ def register(app: typer.Typer) -> None:
             report.save(out)
             console.print(f"results: {out}")
 
+    @bench.command("quant")
+    def quant(
+        checkpoint: Path = typer.Option(None, help="Hugging Face checkpoint (default: the embedded SmolLM2-135M)."),
+        work: Path = typer.Option(Path("bench-quant"), help="Where the engines are built."),
+        configs: str = typer.Option("float32,bfloat16,fp8,int8,int4-awq,w8a8", help="Comma-separated rows."),
+        batches: str = typer.Option("1,32", help="Comma-separated decode batch sizes."),
+        calib_size: int = typer.Option(32, help="Calibration samples (fp8, int8, w8a8)."),
+        awq_calib_size: int = typer.Option(4, help="Calibration samples for int4-awq (its search is slow on CPU)."),
+        new_tokens: int = typer.Option(32, help="Tokens generated per prompt."),
+        iters: int = typer.Option(3, help="Timed runs per batch size (median reported)."),
+        speed: bool = typer.Option(True, help="Measure decode tokens/s (--no-speed: only build, gate, size)."),
+        out: Path = typer.Option(None, help="Write the rows as JSON."),
+        plot: Path = typer.Option(None, help="Write quant.png (sizes and decode tokens/s) into this directory."),
+    ) -> None:
+        """Quantized engines side by side: accuracy gate, engine and resident bytes, decode tokens/s."""
+        import json
+
+        import torch
+
+        from benchmarks.errors import BenchmarkError
+        from benchmarks.quant_bench import QuantBenchConfig, plot_quant, quant_table, run_quant_bench
+
+        try:
+            sizes = tuple(int(b) for b in batches.split(","))
+        except ValueError:
+            raise BenchmarkError(f"--batches {batches!r}: expected comma-separated integers") from None
+        cfg = QuantBenchConfig(checkpoint=checkpoint, work=work, configs=tuple(configs.split(",")), batches=sizes,
+                               calib_size=calib_size, awq_calib_size=awq_calib_size, new_tokens=new_tokens,
+                               iters=iters, speed=speed)
+        rows = run_quant_bench(cfg, Console(stderr=True))
+        console = _stdout_console()
+        console.print(quant_table(rows, sizes, f"Quantized engines (torch threads {torch.get_num_threads()})"))
+        if out:
+            out.write_text(json.dumps(rows, indent=2) + "\n")
+            console.print(f"results: {out}")
+        if plot:
+            console.print(f"plot: {plot_quant(rows, sizes, plot)}")
+
     @bench.command("compare")
     def compare(
         results: list[Path] = typer.Argument(..., help="Result files from `kiln bench serve|offline --out`."),

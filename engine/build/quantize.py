@@ -19,6 +19,7 @@ import json
 import math
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,9 @@ MTQ_CONFIGS: dict[str, str] = {
     "int4_awq": "INT4_AWQ_CFG",
     "int4_rtn": "INT4_BLOCKWISE_WEIGHT_ONLY_CFG",  # plain round-to-nearest int4 (AWQ's baseline)
 }
+# Forward passes ModelOpt makes over the calibration data: AWQ-lite caches activation statistics,
+# then searches its scales (each linear tries every alpha, so on a CPU that pass dominates).
+CALIB_PASSES: dict[str, int] = {"int4_awq": 2}
 DEFAULT_BUDGETS: dict[str, float] = {"fp8": 1.02, "int8_wo": 1.02, "int4_awq": 1.06, "w8a8_sq": 1.06}
 # ModelOpt's INT8_SMOOTHQUANT_CFG migrates with alpha 1.0 (all of the activation outliers into the
 # weights), tuned for its static per-tensor activation scales; Kiln quantizes activations per
@@ -99,10 +103,15 @@ def calibration_batches(tokenizer: Any, texts: list[str], num_samples: int,
 
 
 def quantize_with_modelopt(checkpoint_dir: str | Path, algo: str, calib: list[torch.Tensor],
-                           group_size: int | None = None, smoothquant_alpha: float | None = None) -> Any:
+                           group_size: int | None = None, smoothquant_alpha: float | None = None,
+                           algorithm: dict[str, Any] | None = None,
+                           on_batch: Callable[[], None] | None = None) -> Any:
     """Load the HF checkpoint in float32 and quantize it in place with ModelOpt, calibrating on
     `calib`; return the fake-quantized `transformers` model (ModelOpt's reference).
-    `smoothquant_alpha` (w8a8_sq): migration strength, DEFAULT_SMOOTHQUANT_ALPHA when None."""
+    `smoothquant_alpha` (w8a8_sq): migration strength, DEFAULT_SMOOTHQUANT_ALPHA when None.
+    `algorithm`: settings merged over the ModelOpt config's calibration algorithm (e.g. AWQ's
+    `alpha_step`). `on_batch` is called after every calibration forward pass (progress); ModelOpt
+    runs the loop CALIB_PASSES[algo] times."""
     import modelopt.torch.quantization as mtq
     from transformers import AutoModelForCausalLM
 
@@ -123,11 +132,16 @@ def quantize_with_modelopt(checkpoint_dir: str | Path, algo: str, calib: list[to
     if algo == "w8a8_sq":
         alpha = DEFAULT_SMOOTHQUANT_ALPHA if smoothquant_alpha is None else smoothquant_alpha
         config["algorithm"] = {"method": "smoothquant", "alpha": alpha}
+    if algorithm:
+        base = config.get("algorithm")
+        config["algorithm"] = {**(base if isinstance(base, dict) else {"method": base}), **algorithm}
 
     def forward_loop(m: Any) -> None:
         with torch.no_grad():
             for ids in calib:
                 m(ids)
+                if on_batch is not None:
+                    on_batch()
 
     return mtq.quantize(model, config, forward_loop=forward_loop)
 
@@ -224,6 +238,14 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
     Raises BuildError when the gate fails (unless options.force) or the input is already quantized.
     """
     from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from engine.build import builder
     from engine.build.checkpoint import read_json
@@ -252,8 +274,12 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
     calib = calibration_batches(tokenizer, texts, options.calib_size)
     with tempfile.TemporaryDirectory(prefix="kiln-quant-", dir=out.parent if out.parent.exists() else None) as tmp:
-        with console.status(f"[bold]ModelOpt {MTQ_CONFIGS[algo]}: calibrating on {len(calib)} samples"):
-            model = quantize_with_modelopt(checkpoint_dir, algo, calib, group_size, options.smoothquant_alpha)
+        columns = (TextColumn(f"[bold]ModelOpt {MTQ_CONFIGS[algo]}: calibrating on {len(calib)} samples"),
+                   BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, disable=not show_progress) as bar:
+            task = bar.add_task("calibrate", total=len(calib) * CALIB_PASSES.get(algo, 1))
+            model = quantize_with_modelopt(checkpoint_dir, algo, calib, group_size, options.smoothquant_alpha,
+                                           on_batch=lambda: bar.advance(task))
         export_dir = Path(options.export_hf) if options.export_hf else Path(tmp) / "modelopt"
         export_modelopt(model, checkpoint_dir, export_dir)
         del model
