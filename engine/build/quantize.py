@@ -289,11 +289,18 @@ def build_quantized(checkpoint_dir: Path, name: str, output_dir: str | Path | No
         engine_options = replace(plain, kv_cache_dtype=options.kv_cache_dtype, embedding_quant=embedding_quant(options))
         builder._build(export_dir, name, staging, engine_options, show_progress, source, start)
         reference_dir = builder._build(checkpoint_dir, name, Path(tmp) / "reference", plain, False, source, start)
-        limits = {"max_batch_size": GREEDY_PROMPTS, "max_seq_len": min(GATE_WINDOW * 2, 512)}
+        from engine.config import load_engine_config
+
+        built_len = load_engine_config(staging).build.max_seq_len
+        limits = {"max_batch_size": GREEDY_PROMPTS, "max_seq_len": min(GATE_WINDOW * 2, built_len)}
+        window = min(GATE_WINDOW, built_len - GREEDY_TOKENS)  # windows and greedy prompts fit a short engine
+        if window < 2 * GREEDY_TOKENS:
+            raise BuildError(f"--max-seq-len {built_len} is too short for the accuracy gate "
+                             f"(a quantized build needs at least {3 * GREEDY_TOKENS})")
         with console.status("[bold]accuracy gate: quantized vs unquantized on held-out text"):
             ref = LLM(reference_dir, **limits)
             quant = LLM(staging, **limits)
-            gate = measure_gate(ref, quant, algo, budget)
+            gate = measure_gate(ref, quant, algo, budget, window=window, num_windows=GATE_WINDOWS * GATE_WINDOW // window)
             for llm in (ref, quant):
                 llm.engine.close()
         if options.tp_size > 1:  # gated above at tp1; now the requested shards of the same ModelOpt checkpoint

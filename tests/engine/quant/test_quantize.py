@@ -100,3 +100,14 @@ def test_cli_weight_flags_are_mutually_exclusive(quant_checkpoint: Path, tmp_pat
     assert result.returncode != 0
     assert "mutually exclusive" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "e").exists()
+
+
+def test_gate_fits_a_short_engine(quant_checkpoint: Path, tmp_path: Path) -> None:
+    """The gate's windows shrink to the engine's --max-seq-len; too short for any window is an error."""
+    engine = build_engine(quant_checkpoint, tmp_path / "short", progress=False,
+                          options=BuildOptions(dtype="float32", quantization="int8_wo", calib_size=2, max_seq_len=64))
+    acc = json.loads((engine / "build_report.json").read_text())["accuracy"]
+    assert acc["passed"] and acc["num_tokens"] > 1500  # as many held-out tokens as the default, in shorter windows
+    with pytest.raises(BuildError, match="--max-seq-len 40 is too short for the accuracy gate"):
+        build_engine(quant_checkpoint, tmp_path / "shorter", progress=False,
+                     options=BuildOptions(dtype="float32", quantization="int8_wo", calib_size=2, max_seq_len=40))
