@@ -73,10 +73,22 @@ def int4_cpu_pack(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype)
 
 def int4_linear_cpu(x: torch.Tensor, weight: torch.Tensor, group_size: int,
                     scales_and_zeros: torch.Tensor) -> torch.Tensor:
-    """x (..., in) @ int4 weight^T -> (..., out), with torch's CPU int4 kernel."""
+    """x (..., in) @ int4 weight^T -> (..., out), with torch's CPU int4 kernel. float32
+    activations run the kernel in bfloat16 (see `cpu_kernel_dtype`); scales_and_zeros must be in
+    `cpu_kernel_dtype(x.dtype)`. Returns x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch._weight_int4pack_mm_for_cpu(x2.contiguous(), weight, group_size, scales_and_zeros)
+    y = torch._weight_int4pack_mm_for_cpu(x2.to(scales_and_zeros.dtype).contiguous(), weight, group_size,
+                                          scales_and_zeros).to(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def cpu_kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype torch's CPU weight-only kernels run fast in: their float32 paths
+    (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) are reference loops, 30-100x slower
+    than the bfloat16 ones on this 2-core AVX2 machine at 32 tokens (benchmarks/quant_bench.py).
+    So float32 engines round a quantized layer's activations to bfloat16 for the GEMM only; the
+    kernel accumulates in float32 and the scales are applied in float32 after it."""
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 # --------------------------------------------------------------------------- int8
@@ -92,9 +104,15 @@ def quantize_rows_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., in) @ (int8 weight * scale)^T -> (..., out) with `torch._weight_int8pack_mm`.
-    `scale` (out,) must have x's dtype."""
+    weight: int8 (out, in) contiguous; scale (out,) float32 or x's dtype. Returns x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = torch._weight_int8pack_mm(x2.contiguous(), weight, scale)
+    kernel_dtype = cpu_kernel_dtype(x.dtype) if x.device.type == "cpu" else x.dtype
+    if kernel_dtype == x.dtype and scale.dtype == x.dtype:
+        y = torch._weight_int8pack_mm(x2.contiguous(), weight, scale)
+    else:  # bf16 GEMM with unit scales, the real (float32) scales after it
+        ones = torch.ones(weight.shape[0], dtype=kernel_dtype, device=x.device)
+        y = (torch._weight_int8pack_mm(x2.to(kernel_dtype).contiguous(), weight, ones).float() * scale.float())
+        y = y.to(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -110,18 +128,28 @@ def quantize_per_token_int8(x: torch.Tensor, reduce_amax: Callable[[torch.Tensor
     return torch.clamp(torch.round(x32 / scale), -128, 127).to(torch.int8), scale
 
 
-def w8a8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 pre_quant_scale: torch.Tensor,
                 reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """SmoothQuant W8A8: (x * pre_quant_scale) quantized per token to int8, int8 x int8 -> int32
-    matmul (`torch._int_mm`), rescaled by token and row scales. weight_t: int8 (in, out);
-    weight_scale: float32 (out,). Returns x's dtype. `reduce_amax`: see quantize_per_token_int8."""
+    """SmoothQuant W8A8: (x * pre_quant_scale) quantized per token to int8, int8 x int8 products
+    summed per output, rescaled by token and row scales. weight: int8 (out, in) (on CUDA stored
+    so that `weight.t()` is contiguous); weight_scale: float32 (out,). Returns x's dtype.
+    `reduce_amax`: see quantize_per_token_int8.
+
+    CUDA: `torch._int_mm` (int32 accumulation). CPU: torch's `_int_mm` is a reference loop (about
+    0.75 ms per token for a 576x1536 layer here), so the int8 activations are carried exactly in
+    bfloat16 (|q| <= 127 needs 7 bits) through `_weight_int8pack_mm` with unit scales, which
+    accumulates in float32 (exact below 2**24) and rounds each sum to bfloat16 (rel. 2**-9)."""
     x2 = (x.reshape(-1, x.shape[-1]) * pre_quant_scale).contiguous()
     xq, xs = quantize_per_token_int8(x2, reduce_amax)
-    if xq.shape[0] <= 16 and xq.device.type == "cuda":  # cuBLAS int8 needs M > 16
-        xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
-    acc = torch._int_mm(xq, weight_t)[: x2.shape[0]]  # (T, out) int32
-    y = (acc.float() * xs * weight_scale).to(x.dtype)
+    if x.device.type == "cpu":
+        ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
+        acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), weight, ones).float()  # (T, out)
+    else:  # pragma: no cover - UNTESTED (no GPU here)
+        if xq.shape[0] <= 16:  # cuBLAS int8 needs M > 16
+            xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
+        acc = torch._int_mm(xq, weight.t())[: x2.shape[0]].float()  # (T, out) int32
+    y = (acc * xs * weight_scale).to(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
@@ -130,9 +158,23 @@ def w8a8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Ten
 FP8_MAX = 448.0
 
 
+def fp8_to_float(weight: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn -> float32 through a 256-entry table (exact for every code, NaN included);
+    about twice as fast on this CPU as torch's elementwise conversion."""
+    table = _FP8_TABLE.get(weight.device)
+    if table is None:
+        codes = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn)
+        table = _FP8_TABLE[weight.device] = codes.float().to(weight.device)
+    return torch.take(table, weight.view(torch.uint8).long())
+
+
+_FP8_TABLE: dict[torch.device, torch.Tensor] = {}
+
+
 def fp8_linear_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ (fp8 weight * row scale)^T, dequantizing the weight on the fly to x's dtype."""
-    w = weight.to(x.dtype) * scale.to(x.dtype).unsqueeze(1)
+    """x @ (fp8 weight * row scale)^T, dequantizing the weight on the fly to x's dtype (a CPU has
+    no fp8 GEMM: this path saves memory, not time)."""
+    w = (fp8_to_float(weight) * scale.float().unsqueeze(1)).to(x.dtype)
     return torch.nn.functional.linear(x, w)
 
 

@@ -88,14 +88,14 @@ class W8A8Method(LinearMethod):
         layer.pre_quant_scale = _param(in_features, dtype=dtype)
 
     def process_weights_after_loading(self, layer: Any) -> None:
-        # `_int_mm` takes the weight as (in, out); keep one transposed contiguous copy, not two.
-        layer.weight.data = layer.weight.data.t().contiguous().t()
+        if layer.weight.device.type != "cpu":  # pragma: no cover - `_int_mm` wants (in, out) contiguous
+            layer.weight.data = layer.weight.data.t().contiguous().t()
 
     def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
         # A row-parallel rank holds a slice of each token: quantizing it with the whole token's scale
         # makes a TP engine compute what TP=1 (the build the accuracy gate measured) computes.
         reduce = all_reduce_max if getattr(layer, "input_is_sharded", False) else None
-        return kernels.w8a8_linear(x, layer.weight.t(), layer.weight_scale, layer.pre_quant_scale, reduce)
+        return kernels.w8a8_linear(x, layer.weight, layer.weight_scale, layer.pre_quant_scale, reduce)
 
 
 class Int4AwqMethod(LinearMethod):
@@ -122,7 +122,8 @@ class Int4AwqMethod(LinearMethod):
     def process_weights_after_loading(self, layer: Any) -> None:
         if layer.weight.device.type != "cpu":  # pragma: no cover - UNTESTED on GPU: dequantize path
             return
-        packed, scales_zeros = kernels.int4_cpu_pack(layer.weight.data, layer.weight_scale.data, layer.compute_dtype)
+        packed, scales_zeros = kernels.int4_cpu_pack(layer.weight.data, layer.weight_scale.data,
+                                                     kernels.cpu_kernel_dtype(layer.compute_dtype))
         layer.weight.data = packed  # same shape and dtype, torch's tiled order
         layer.register_buffer("scales_and_zeros", scales_zeros, persistent=False)
         layer.int4_cpu_packed = True

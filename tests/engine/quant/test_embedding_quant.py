@@ -67,7 +67,9 @@ def test_embedding_and_tied_head_match_the_float_table(int8_engines: tuple[Path,
         ids = torch.tensor([0, 5, 17, table.shape[0] - 1])
         torch.testing.assert_close(emb(ids), dequant[ids], rtol=0, atol=1e-6)
         hidden = torch.randn(3, table.shape[1])
-        torch.testing.assert_close(emb.linear(hidden), hidden @ dequant.t(), rtol=1e-4, atol=1e-4)
+        # float32 engines run the int8 kernel on bfloat16 activations (kernels.cpu_kernel_dtype).
+        want = hidden @ dequant.t()
+        torch.testing.assert_close(emb.linear(hidden), want, rtol=0, atol=1e-2 * want.abs().max().item())
         # End to end: the int8 table changes logits by little and greedy tokens by nothing here.
         ids = quant.tokenizer(PROMPTS[0]).input_ids
         got_logits, want_logits = quant.engine.score(ids), plain.engine.score(ids)

@@ -86,6 +86,9 @@ def test_engine_logits_match_modelopt_fake_quant(quantized: Callable[[str], Quan
     if algo == "w8a8_sq":
         assert (got - expected).abs().max() <= 0.1 * expected.abs().max()
         assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.8
+    elif algo in ("int8_wo", "int4_awq"):  # CPU kernels take bfloat16 activations (kernels.cpu_kernel_dtype)
+        assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+        assert (got.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.95
     else:
         # Same weights up to ModelOpt's own rare export/fake-quant rounding ties (see above).
         torch.testing.assert_close(got, expected, rtol=1e-3, atol=5e-3)
