@@ -133,6 +133,7 @@ def register(app: typer.Typer) -> None:
         new_tokens: int = typer.Option(32, help="Tokens generated per prompt."),
         iters: int = typer.Option(3, help="Timed runs per batch size (median reported)."),
         speed: bool = typer.Option(True, help="Measure decode tokens/s (--no-speed: only build, gate, size)."),
+        quant_dtype: str = typer.Option("float32", help="Engine dtype of the quantized rows (float32 | bfloat16)."),
         out: Path = typer.Option(None, help="Write the rows as JSON."),
         plot: Path = typer.Option(None, help="Write quant.png (sizes and decode tokens/s) into this directory."),
     ) -> None:
@@ -150,7 +151,7 @@ def register(app: typer.Typer) -> None:
             raise BenchmarkError(f"--batches {batches!r}: expected comma-separated integers") from None
         cfg = QuantBenchConfig(checkpoint=checkpoint, work=work, configs=tuple(configs.split(",")), batches=sizes,
                                calib_size=calib_size, awq_calib_size=awq_calib_size, new_tokens=new_tokens,
-                               iters=iters, speed=speed)
+                               iters=iters, speed=speed, quant_dtype=quant_dtype)
         rows = run_quant_bench(cfg, Console(stderr=True))
         console = _stdout_console()
         console.print(quant_table(rows, sizes, f"Quantized engines (torch threads {torch.get_num_threads()})"))
