@@ -11,7 +11,26 @@ import pytest
 # Appended, not prepended: tests/engine/ must never shadow the `engine` package.
 sys.path.append(str(Path(__file__).parent))
 
+import procs  # noqa: E402
 from tiny_models import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def process_gone() -> Callable[[int], bool]:
+    """`process_gone(pid)`: no such process (or only its zombie), checked through /proc."""
+    return procs.process_gone
+
+
+@pytest.fixture(scope="session")
+def child_pids() -> Callable[[int], list[int]]:
+    """`child_pids(pid)`: live child processes of `pid` (a tensor-parallel engine's workers)."""
+    return procs.child_pids
+
+
+@pytest.fixture(scope="session")
+def group_pids() -> Callable[[int], list[int]]:
+    """`group_pids(pgid)`: live processes of a process group (a server and its python stubs)."""
+    return procs.group_pids
 
 
 @pytest.fixture(scope="session")

@@ -1,51 +1,14 @@
-"""Tensor-parallel fixtures: tiny engines built once per session for each (kind, tp), and a
-/proc-based check that processes are gone."""
+"""Tensor-parallel fixtures: tiny engines built once per session for each (kind, tp) (the /proc
+process checks are in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 TP_MAX_SEQ_LEN = 256
-
-
-def _process_gone(pid: int) -> bool:
-    """No process `pid`, or only its zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _child_pids(parent: int) -> list[int]:
-    """Live (non-zombie) children of `parent`, from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == parent and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
-@pytest.fixture(scope="session")
-def process_gone() -> Callable[[int], bool]:
-    return _process_gone
-
-
-@pytest.fixture(scope="session")
-def child_pids() -> Callable[[int], list[int]]:
-    """`child_pids(pid)`: live child processes of `pid` (a tensor-parallel engine's workers)."""
-    return _child_pids
 
 
 @pytest.fixture(scope="session")

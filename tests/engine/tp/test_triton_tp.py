@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,22 +15,9 @@ from serving.triton.repository import RepoOptions, write_model_repository
 PROMPT = "the quick brown fox jumps over"
 
 
-def _group_pids(pgid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                pids.append(int(entry))
-    return pids
-
-
 def test_tp2_engine_served_by_triton_answers_like_tp1(tp_engine: Callable[..., Path], tmp_path: Path,
-                                                     child_pids: Callable[[int], list[int]]) -> None:
+                                                     child_pids: Callable[[int], list[int]],
+                                                     group_pids: Callable[[int], list[int]]) -> None:
     llm = LLM(tp_engine("llama-gqa", 1))
     expected = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0))[0]
     write_model_repository(tp_engine("llama-gqa", 2), tmp_path / "repo", RepoOptions())
@@ -41,7 +27,7 @@ def test_tp2_engine_served_by_triton_answers_like_tp1(tp_engine: Callable[..., P
         server.wait_ready()
         assert server.process is not None
         pgid = server.process.pid
-        stubs = [p for p in _group_pids(pgid) if p != pgid]
+        stubs = [p for p in group_pids(pgid) if p != pgid]
         assert any(child_pids(stub) for stub in stubs)  # the model instance spawned its rank-1 worker
         response = httpx.post(f"{server.http_url}/v2/models/ensemble/generate", timeout=60,
                               json={"text_input": PROMPT, "max_tokens": 10, "exclude_input_in_output": True})
@@ -51,6 +37,6 @@ def test_tp2_engine_served_by_triton_answers_like_tp1(tp_engine: Callable[..., P
     finally:
         server.stop()
     deadline = time.monotonic() + 5
-    while _group_pids(pgid) and time.monotonic() < deadline:
+    while group_pids(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not _group_pids(pgid)  # server, python stub and TP worker all gone
+    assert not group_pids(pgid)  # server, python stub and TP worker all gone
