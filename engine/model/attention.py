@@ -63,6 +63,13 @@ def write_kv(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def _rows(table: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """table[slots] for an integer tensor `slots` of any shape, through `index_select` on the
+    flattened slots: on CPU about 9x faster than advanced indexing (`aten::index`) for decode's
+    (D, L) slot grids, the largest cost of the torch reference attention."""
+    return table.index_select(0, slots.reshape(-1)).view(*slots.shape, *table.shape[1:])
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -89,16 +96,16 @@ def paged_attention(
         raw_k, raw_v = flat_k.view(torch.uint8), flat_v.view(torch.uint8)  # fp8 gathers as bytes
 
         def gather_k(slots: torch.Tensor) -> torch.Tensor:
-            return dequantize_kv(raw_k[slots].view(flat_k.dtype), flat_ks[slots], q.dtype)
+            return dequantize_kv(_rows(raw_k, slots).view(flat_k.dtype), _rows(flat_ks, slots), q.dtype)
 
         def gather_v(slots: torch.Tensor) -> torch.Tensor:
-            return dequantize_kv(raw_v[slots].view(flat_v.dtype), flat_vs[slots], q.dtype)
+            return dequantize_kv(_rows(raw_v, slots).view(flat_v.dtype), _rows(flat_vs, slots), q.dtype)
     else:
         def gather_k(slots: torch.Tensor) -> torch.Tensor:
-            return flat_k[slots]
+            return _rows(flat_k, slots)
 
         def gather_v(slots: torch.Tensor) -> torch.Tensor:
-            return flat_v[slots]
+            return _rows(flat_v, slots)
 
     d = meta.num_decode_tokens
     if d:
