@@ -182,10 +182,13 @@ class KilnTritonModel:
                     closes.append(entry)
                 else:
                     per_request.setdefault(entry[1].request_id, []).append(entry)
-            for request_id, outputs in per_request.items():
-                self._guarded(self._handle_outputs, request_id, outputs)
+            # Closes first: a close is queued before the engine's own "abort" output of the same
+            # request, and when both drain in one batch the error must be what the client gets
+            # (its outputs are then dropped: the stream is closed).
             for close in closes:
                 self._guarded(self._close, close)
+            for request_id, outputs in per_request.items():
+                self._guarded(self._handle_outputs, request_id, outputs)
             if stop:
                 return
 
