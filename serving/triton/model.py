@@ -182,13 +182,10 @@ class KilnTritonModel:
                     closes.append(entry)
                 else:
                     per_request.setdefault(entry[1].request_id, []).append(entry)
-            # Closes first: a close is queued before the engine's own "abort" output of the same
-            # request, and when both drain in one batch the error must be what the client gets
-            # (its outputs are then dropped: the stream is closed).
-            for close in closes:
-                self._guarded(self._close, close)
             for request_id, outputs in per_request.items():
                 self._guarded(self._handle_outputs, request_id, outputs)
+            for close in closes:
+                self._guarded(self._close, close)
             if stop:
                 return
 
@@ -210,6 +207,8 @@ class KilnTritonModel:
                     self.metrics.record_inter_token(arrived - stream.last_token_time)
                 stream.last_token_time = arrived
         last = outputs[-1][1]
+        if last.finished and last.finish_reason == "abort" and stream.aborting:
+            return  # we aborted it: its close (queued first, handled after this batch's outputs) answers
         delta_text = "".join(output.delta_text for _, output in outputs)
         if len(outputs) > 1:
             last = dataclasses.replace(last, delta_text=delta_text)
