@@ -164,31 +164,17 @@ def process_weights_after_loading(model: nn.Module) -> None:
             method.process_weights_after_loading(module)
 
 
-class Int8EmbeddingMethod:
-    """A per-row int8 vocab table (`weight` int8 (V, H), `weight_scale` float32 (V,)): as the
-    embedding it gathers rows and dequantizes them; as the LM head (tied or not) it runs
-    `torch._weight_int8pack_mm`. Kiln quantizes the table itself, round-to-nearest per row."""
+class Int8EmbeddingMethod(Int8WeightOnlyMethod):
+    """A per-row int8 vocab table (`weight` int8 (V, H), `weight_scale` float32 (V,)): the int8
+    weight-only layout and LM-head GEMM (tied or not), plus `embed`, which gathers rows and
+    dequantizes them. Kiln quantizes the table itself, round-to-nearest per row."""
 
     name = "int8_embedding"
-
-    def create_weights(self, layer: Any, rows: int, hidden: int, dtype: torch.dtype) -> None:
-        layer.weight = _param(rows, hidden, dtype=torch.int8)
-        layer.weight_scale = _param(rows, dtype=torch.float32)
-        layer.compute_dtype = dtype
-
-    def process_weights_after_loading(self, layer: Any) -> None:
-        layer.register_buffer("scale_c", layer.weight_scale.detach().to(layer.compute_dtype), persistent=False)
 
     def embed(self, layer: Any, ids: torch.Tensor) -> torch.Tensor:
         """ids (T,) -> dequantized rows (T, H) in the compute dtype."""
         rows = layer.weight.index_select(0, ids).float()
         return (rows * layer.weight_scale.index_select(0, ids).unsqueeze(-1)).to(layer.compute_dtype)
-
-    def apply(self, layer: Any, x: torch.Tensor) -> torch.Tensor:
-        """x (S, H) -> x @ table^T (S, V)."""
-        if x.is_cuda:  # pragma: no cover - UNTESTED (no GPU here): dequantize then GEMM
-            return torch.nn.functional.linear(x, layer.weight.to(x.dtype) * layer.scale_c.unsqueeze(1))
-        return kernels.int8_weight_only_linear(x, layer.weight, layer.scale_c)
 
 
 def get_embedding_method(quant: QuantConfig | None) -> Int8EmbeddingMethod | None:
