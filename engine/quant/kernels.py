@@ -110,10 +110,15 @@ def int8_weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.
     if kernel_dtype == x.dtype and scale.dtype == x.dtype:
         y = torch._weight_int8pack_mm(x2.contiguous(), weight, scale)
     else:  # bf16 GEMM with unit scales, the real (float32) scales after it
-        ones = torch.ones(weight.shape[0], dtype=kernel_dtype, device=x.device)
-        y = (torch._weight_int8pack_mm(x2.to(kernel_dtype).contiguous(), weight, ones).float() * scale.float())
-        y = y.to(x.dtype)
+        y = (_int8pack_mm_unscaled(x2.to(kernel_dtype), weight) * scale.float()).to(x.dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _int8pack_mm_unscaled(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x (T, in) @ int8 weight (out, in)^T through `_weight_int8pack_mm` with unit scales, in
+    x's dtype (accumulated in float32 by the kernel) -> float32 (T, out)."""
+    ones = torch.ones(weight.shape[0], dtype=x.dtype, device=x.device)
+    return torch._weight_int8pack_mm(x.contiguous(), weight, ones).float()
 
 
 def quantize_per_token_int8(x: torch.Tensor, reduce_amax: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -143,8 +148,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     x2 = (x.reshape(-1, x.shape[-1]) * pre_quant_scale).contiguous()
     xq, xs = quantize_per_token_int8(x2, reduce_amax)
     if x.device.type == "cpu":
-        ones = torch.ones(weight.shape[0], dtype=torch.bfloat16)
-        acc = torch._weight_int8pack_mm(xq.to(torch.bfloat16), weight, ones).float()  # (T, out)
+        acc = _int8pack_mm_unscaled(xq.to(torch.bfloat16), weight)  # (T, out)
     else:  # pragma: no cover - UNTESTED (no GPU here)
         if xq.shape[0] <= 16:  # cuBLAS int8 needs M > 16
             xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - xq.shape[0]))
