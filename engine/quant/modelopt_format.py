@@ -76,8 +76,9 @@ def quantized_shapes(model: ModelConfig, quant: QuantConfig) -> dict[str, tuple[
     """Shapes (tp=1) of the extra / changed tensors of each quantized linear, keyed by Kiln name."""
     from engine.build.transforms import expected_shapes
 
+    plain = expected_shapes(model)
     shapes: dict[str, tuple[int, ...]] = {}
-    for name, (out, cols) in ((n, s) for n, s in expected_shapes(model).items() if n.endswith(LINEAR_SUFFIXES)):
+    for name, (out, cols) in ((n, s) for n, s in plain.items() if n.endswith(LINEAR_SUFFIXES)):
         base = name[: -len("weight")]
         if quant.algo == "int4_awq":
             shapes[name] = (out, cols // 2)
@@ -89,8 +90,8 @@ def quantized_shapes(model: ModelConfig, quant: QuantConfig) -> dict[str, tuple[
             shapes[base + "pre_quant_scale"] = (cols,)
     if quant.embedding == "int8":
         for name in VOCAB_TABLES:
-            if name in expected_shapes(model):
-                shapes[name[: -len("weight")] + "weight_scale"] = (expected_shapes(model)[name][0],)
+            if name in plain:
+                shapes[name[: -len("weight")] + "weight_scale"] = (plain[name][0],)
     return shapes
 
 
