@@ -31,8 +31,9 @@ weight_scale (out,) or INT4 (out, in/group), pre_quant_scale (in,)):
 
 INT4 groups never straddle ranks: a row-parallel input of `w` features splits into w/N per rank,
 which must be a multiple of the group size (`check_tp_split` with the engine's QuantConfig says
-so before any tensor is written). Per-token activation scales (w8a8_sq) are computed per rank
-over that rank's input slice, so a TP engine's w8a8 logits differ from TP=1's by rounding only.
+so before any tensor is written). Per-token activation scales (w8a8_sq) of a row-parallel layer
+take the maximum over the ranks (engine/quant/methods.py: W8A8Method), so every rank quantizes
+its input slice with the whole token's scale, as TP=1 does.
 """
 
 from __future__ import annotations
