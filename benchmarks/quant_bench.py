@@ -2,7 +2,6 @@
 decode tokens/s at batch 1 and 32, for unquantized (float32, bfloat16) and each quantization.
 
     kiln bench quant [--checkpoint DIR] [--work DIR] [--calib-size N] [--awq-calib-size N] [--out JSON] [--plot DIR]
-    python -m benchmarks.quant_bench ...   (the same options)
 
 Without --checkpoint it converts the embedded default model (SmolLM2-135M GGUF) once. Engines
 are (re)built under --work (default: bench-quant/) with `build-engine`'s defaults (int8
@@ -15,7 +14,6 @@ ignored, median of --iters runs; "vs bf16" divides by the bfloat16 row of the sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -171,38 +169,3 @@ def plot_quant(rows: list[dict[str, Any]], batches: tuple[int, ...], out_dir: st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path)
-    parser.add_argument("--work", type=Path, default=Path("bench-quant"))
-    parser.add_argument("--calib-size", type=int, default=32)
-    parser.add_argument("--awq-calib-size", type=int, default=4)
-    parser.add_argument("--configs", default=",".join(c[0] for c in CONFIGS))
-    parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--out", "--json", dest="out", type=Path)
-    parser.add_argument("--plot", type=Path)
-    parser.add_argument("--no-speed", action="store_true", help="only build, gate and size")
-    parser.add_argument("--quant-dtype", default="float32", help="dtype of the quantized rows' engines")
-    args = parser.parse_args()
-
-    from rich.console import Console
-
-    console = Console()
-    cfg = QuantBenchConfig(checkpoint=args.checkpoint, work=args.work, configs=tuple(args.configs.split(",")),
-                           batches=tuple(int(b) for b in args.batches.split(",")), calib_size=args.calib_size,
-                           awq_calib_size=args.awq_calib_size, new_tokens=args.new_tokens, iters=args.iters,
-                           speed=not args.no_speed, quant_dtype=args.quant_dtype)
-    rows = run_quant_bench(cfg, console)
-    console.print(quant_table(rows, cfg.batches, f"Quantized engines (torch threads {torch.get_num_threads()})"))
-    if args.out:
-        args.out.write_text(json.dumps(rows, indent=2) + "\n")
-    if args.plot:
-        console.print(f"plot: {plot_quant(rows, cfg.batches, args.plot)}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """`build_engine` with quantization: ModelOpt calibration, the accuracy gate (pass, fail, --force),
-the `--export-hf` round trip, and flag errors. (AWQ versus round-to-nearest int4 on SmolLM2 is
-measured by `benchmarks/quant_bench.py`: ModelOpt's AWQ search on SmolLM2 takes minutes on this CPU.)"""
+the `--export-hf` round trip, and flag errors. (AWQ versus round-to-nearest int4 on SmolLM2:
+test_smollm2_int4.py.)"""
 
 from __future__ import annotations
 
